@@ -1,0 +1,392 @@
+"""Lazy tensors: constants that cost nothing until their values are needed.
+
+* :class:`ProtoTensor` wraps a ``TensorProto`` read from the model; it is written back unchanged
+  (raw or typed storage alike) unless a pass replaces it.
+* :class:`ExternalTensor` points into an external data file. Its values are memory-mapped on
+  demand; saving copies its bytes file to file in chunks, so a 3 GB model never sits in memory.
+* :class:`ArrayTensor` holds a numpy array that a pass computed.
+* :class:`LazyTensor` computes its array only when read or saved (e.g. a fused weight).
+
+All of them answer ``dtype`` (an ONNX element type), ``shape``, ``nbytes`` and ``numpy()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graphopt.errors import ExternalDataError
+from graphopt.ir._types import numpy_dtype
+
+__all__ = ["Tensor", "ProtoTensor", "ExternalTensor", "ArrayTensor", "LazyTensor",
+           "SparseTensor", "resolve_external_location"]
+
+_CHUNK = 16 * 1024 * 1024
+
+# Elements packed below one byte: their storage size is not itemsize * count.
+_SUBBYTE_BITS = {onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT4: 4,
+                 onnx.TensorProto.FLOAT4E2M1: 4}
+for _name, _bits in (("UINT2", 2), ("INT2", 2)):
+    if hasattr(onnx.TensorProto, _name):
+        _SUBBYTE_BITS[getattr(onnx.TensorProto, _name)] = _bits
+
+
+def storage_nbytes(dtype: int, shape: tuple[int, ...]) -> int:
+    """Bytes that ``raw_data`` of a tensor with this dtype and shape occupies."""
+    count = 1
+    for d in shape:
+        count *= int(d)
+    bits = _SUBBYTE_BITS.get(dtype)
+    if bits is not None:
+        return (count * bits + 7) // 8
+    if dtype == onnx.TensorProto.STRING:
+        return 0
+    return count * numpy_dtype(dtype).itemsize
+
+
+class Tensor:
+    """A constant tensor. Subclasses decide where the bytes live."""
+
+    __slots__ = ("name", "doc_string")
+
+    def __init__(self, name: str = "", doc_string: str = "") -> None:
+        self.name = name
+        self.doc_string = doc_string
+
+    dtype: int
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the values take in storage (not counting protobuf framing)."""
+        return storage_nbytes(self.dtype, self.shape)
+
+    def numpy(self) -> np.ndarray:
+        """Return the values as a numpy array (may be a read-only memory map)."""
+        raise NotImplementedError
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """Yield the little-endian raw bytes in chunks, without holding them all at once."""
+        yield self.to_proto(with_data=True).SerializeToString()
+
+    def digest(self) -> str:
+        """A content hash over dtype, shape and bytes (used by dedup and the canonical printer)."""
+        h = hashlib.blake2b(digest_size=12)
+        h.update(f"{self.dtype}:{tuple(self.shape)}:".encode())
+        for chunk in self.iter_bytes():
+            h.update(chunk)
+        return h.hexdigest()
+
+    def to_proto(self, *, with_data: bool = True) -> onnx.TensorProto:
+        """Return a ``TensorProto`` named ``self.name``."""
+        raise NotImplementedError
+
+    def is_external(self) -> bool:
+        """True when the bytes live in an external data file."""
+        return False
+
+    def __repr__(self) -> str:  # noqa: D105
+        return f"{type(self).__name__}({self.name!r}, dtype={self.dtype}, shape={list(self.shape)})"
+
+
+class ProtoTensor(Tensor):
+    """A tensor read from a model, kept as its ``TensorProto`` and written back as is."""
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: onnx.TensorProto) -> None:
+        super().__init__(proto.name, proto.doc_string)
+        self._proto = proto
+
+    @property
+    def dtype(self) -> int:  # type: ignore[override]
+        """ONNX element type."""
+        return self._proto.data_type
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        """Static shape."""
+        return tuple(self._proto.dims)
+
+    def numpy(self) -> np.ndarray:
+        """Decode the proto with ``onnx.numpy_helper`` (ml_dtypes for float8/int4)."""
+        return numpy_helper.to_array(self._proto)
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """Yield raw bytes; raw storage is yielded without decoding."""
+        if self._proto.HasField("raw_data"):
+            yield self._proto.raw_data
+        elif self.dtype == onnx.TensorProto.STRING:
+            for s in self._proto.string_data:
+                yield len(s).to_bytes(8, "little") + s
+        else:
+            yield np.ascontiguousarray(self.numpy()).tobytes()
+
+    def to_proto(self, *, with_data: bool = True) -> onnx.TensorProto:
+        """The original proto, renamed if the tensor was renamed."""
+        if self._proto.name != self.name or self._proto.doc_string != self.doc_string:
+            proto = onnx.TensorProto()
+            proto.CopyFrom(self._proto)
+            proto.name = self.name
+            proto.doc_string = self.doc_string
+            self._proto = proto
+        return self._proto
+
+
+class ArrayTensor(Tensor):
+    """A tensor computed by graphopt, held as a numpy array.
+
+    Example:
+        >>> t = ArrayTensor(np.ones((2, 2), np.float32), name="w")
+        >>> t.dtype, t.shape
+        (1, (2, 2))
+    """
+
+    __slots__ = ("_array", "_dtype")
+
+    def __init__(self, array: np.ndarray, name: str = "", *, dtype: int | None = None,
+                 doc_string: str = "") -> None:
+        super().__init__(name, doc_string)
+        self._array = np.asarray(array)
+        self._dtype = dtype if dtype is not None else onnx.helper.np_dtype_to_tensor_dtype(self._array.dtype)
+
+    @property
+    def dtype(self) -> int:  # type: ignore[override]
+        """ONNX element type."""
+        return self._dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        """Static shape."""
+        return tuple(int(d) for d in self._array.shape)
+
+    def numpy(self) -> np.ndarray:
+        """The held array."""
+        return self._array
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """Yield the array's bytes."""
+        if self._dtype == onnx.TensorProto.STRING:
+            yield self.to_proto().SerializeToString()
+        else:
+            yield self.to_proto().raw_data
+
+    def to_proto(self, *, with_data: bool = True) -> onnx.TensorProto:
+        """Encode with ``onnx.numpy_helper.from_array`` (raw storage)."""
+        proto = numpy_helper.from_array(self._array, self.name)
+        if proto.data_type != self._dtype:
+            proto = onnx.helper.make_tensor(self.name, self._dtype, self._array.shape,
+                                            self._array.flatten().tolist())
+        if self.doc_string:
+            proto.doc_string = self.doc_string
+        return proto
+
+
+class LazyTensor(Tensor):
+    """A tensor whose array is computed on first read, then cached."""
+
+    __slots__ = ("_fn", "_dtype", "_shape", "_cache")
+
+    def __init__(self, fn: Callable[[], np.ndarray], dtype: int, shape: tuple[int, ...],
+                 name: str = "") -> None:
+        super().__init__(name)
+        self._fn = fn
+        self._dtype = dtype
+        self._shape = tuple(shape)
+        self._cache: np.ndarray | None = None
+
+    @property
+    def dtype(self) -> int:  # type: ignore[override]
+        """ONNX element type."""
+        return self._dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        """Static shape."""
+        return self._shape
+
+    def numpy(self) -> np.ndarray:
+        """Compute (once) and return the array."""
+        if self._cache is None:
+            self._cache = np.asarray(self._fn())
+        return self._cache
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """Yield the computed bytes."""
+        yield self.to_proto().raw_data
+
+    def to_proto(self, *, with_data: bool = True) -> onnx.TensorProto:
+        """Compute and encode."""
+        return ArrayTensor(self.numpy(), self.name, dtype=self._dtype).to_proto()
+
+
+def resolve_external_location(base_dir: str, location: str, tensor_name: str) -> str:
+    """Return the real path of an external data file, refusing any that leaves ``base_dir``.
+
+    Locations come from the model file and are untrusted: absolute paths, ``..`` components and
+    symlinks that resolve outside the model's folder are refused with :class:`ExternalDataError`.
+    """
+    if not location:
+        raise ExternalDataError(f"tensor '{tensor_name}' has external data with an empty location")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        raise ExternalDataError(
+            f"tensor '{tensor_name}': external data location '{location}' is an absolute path; "
+            "graphopt only reads external data inside the model's folder")
+    parts = location.replace("\\", "/").split("/")
+    if ".." in parts:
+        raise ExternalDataError(
+            f"tensor '{tensor_name}': external data location '{location}' climbs out of the "
+            "model's folder with '..'; move the data file next to the model")
+    base_real = os.path.realpath(base_dir)
+    full = os.path.realpath(os.path.join(base_real, location))
+    if os.path.commonpath([base_real, full]) != base_real:
+        raise ExternalDataError(
+            f"tensor '{tensor_name}': external data location '{location}' resolves to '{full}', "
+            "outside the model's folder (a symlink?); copy the data next to the model")
+    return full
+
+
+class ExternalTensor(Tensor):
+    """A tensor whose bytes live in an external data file, read only when needed.
+
+    ``numpy()`` memory-maps the file region; :meth:`iter_bytes` reads it in 16 MB chunks with
+    plain file reads, so copying or hashing a huge weight does not grow the resident set.
+    """
+
+    __slots__ = ("_proto", "path", "offset", "length")
+
+    def __init__(self, proto: onnx.TensorProto, base_dir: str) -> None:
+        super().__init__(proto.name, proto.doc_string)
+        self._proto = proto
+        info = {e.key: e.value for e in proto.external_data}
+        self.path = resolve_external_location(base_dir, info.get("location", ""), proto.name)
+        expected = storage_nbytes(proto.data_type, tuple(proto.dims))
+        try:
+            self.offset = int(info.get("offset", "0"))
+            self.length = int(info["length"]) if "length" in info else expected
+        except ValueError as exc:
+            raise ExternalDataError(f"tensor '{proto.name}': bad external data offset/length ({exc})") from None
+        if self.offset < 0 or self.length < 0:
+            raise ExternalDataError(f"tensor '{proto.name}': negative external data offset or length")
+        if not os.path.isfile(self.path):
+            raise ExternalDataError(
+                f"tensor '{proto.name}': external data file '{info.get('location')}' is missing "
+                f"(looked in {os.path.dirname(self.path)})")
+        size = os.path.getsize(self.path)
+        if self.offset + self.length > size:
+            raise ExternalDataError(
+                f"tensor '{proto.name}': external data file '{info.get('location')}' is too short "
+                f"({size} bytes, needs {self.offset + self.length})")
+        if proto.data_type != onnx.TensorProto.STRING and self.length != expected:
+            raise ExternalDataError(
+                f"tensor '{proto.name}': external data length {self.length} does not match its "
+                f"shape {list(proto.dims)} ({expected} bytes)")
+
+    @property
+    def dtype(self) -> int:  # type: ignore[override]
+        """ONNX element type."""
+        return self._proto.data_type
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        """Static shape."""
+        return tuple(self._proto.dims)
+
+    def is_external(self) -> bool:
+        """Always true."""
+        return True
+
+    def numpy(self) -> np.ndarray:
+        """A read-only memory map of the region (decoded through onnx for sub-byte types)."""
+        if self.dtype in _SUBBYTE_BITS or self.dtype == onnx.TensorProto.STRING:
+            return numpy_helper.to_array(self.to_proto(with_data=True))
+        if self.length == 0:
+            return np.zeros(self.shape, dtype=numpy_dtype(self.dtype))
+        arr = np.memmap(self.path, dtype=numpy_dtype(self.dtype), mode="r", offset=self.offset,
+                        shape=self.shape)
+        return arr
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """Read the region in chunks."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            left = self.length
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    raise ExternalDataError(f"tensor '{self.name}': external data ended early")
+                left -= len(chunk)
+                yield chunk
+
+    def to_proto(self, *, with_data: bool = True) -> onnx.TensorProto:
+        """With data: a proto holding the bytes inline; without: the external reference proto."""
+        if not with_data:
+            if self._proto.name != self.name:
+                proto = onnx.TensorProto()
+                proto.CopyFrom(self._proto)
+                proto.name = self.name
+                return proto
+            return self._proto
+        proto = onnx.TensorProto()
+        proto.CopyFrom(self._proto)
+        del proto.external_data[:]
+        proto.data_location = onnx.TensorProto.DEFAULT
+        proto.name = self.name
+        proto.raw_data = b"".join(self.iter_bytes())
+        return proto
+
+
+class SparseTensor:
+    """A sparse initializer, kept as its ``SparseTensorProto``."""
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: onnx.SparseTensorProto) -> None:
+        self._proto = proto
+
+    @property
+    def dtype(self) -> int:
+        """Element type of the values."""
+        return self._proto.values.data_type
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Dense shape."""
+        return tuple(self._proto.dims)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of values plus indices."""
+        return len(self._proto.values.raw_data) + len(self._proto.indices.raw_data)
+
+    def numpy(self) -> np.ndarray:
+        """The dense array."""
+        values = numpy_helper.to_array(self._proto.values).reshape(-1)
+        indices = numpy_helper.to_array(self._proto.indices)
+        dense = np.zeros(int(np.prod(self.shape)), dtype=values.dtype)
+        if indices.ndim == 2:
+            indices = np.ravel_multi_index(indices.T, self.shape)
+        dense[indices.reshape(-1)] = values
+        return dense.reshape(self.shape)
+
+    def to_proto(self, name: str) -> onnx.SparseTensorProto:
+        """The stored proto, with the values renamed to ``name`` if needed."""
+        if self._proto.values.name != name:
+            proto = onnx.SparseTensorProto()
+            proto.CopyFrom(self._proto)
+            proto.values.name = name
+            self._proto = proto
+        return self._proto
