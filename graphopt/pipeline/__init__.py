@@ -1,0 +1,21 @@
+"""The pass manager and pass-authoring API.
+
+Example:
+    >>> from graphopt.pipeline import PassContext, PassManager
+    >>> report = PassManager("cleanup", PassContext(opt_level=1)).run(model)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from graphopt.pipeline._context import TARGETS, Limits, PassContext
+from graphopt.pipeline._instruments import Instrument
+from graphopt.pipeline._manager import AnalysisCache, PassManager, PassRecord, PipelineReport
+from graphopt.pipeline._parse import FixpointStep, PassStep, Step, format_pipeline, parse_pipeline
+from graphopt.pipeline._pass import FunctionPass, Pass, PassResult, function_pass
+from graphopt.pipeline._registry import ENTRY_POINT_GROUP, PassRegistry
+
+__all__ = [
+    "TARGETS", "Limits", "PassContext", "Instrument", "AnalysisCache", "PassManager", "PassRecord",
+    "PipelineReport", "FixpointStep", "PassStep", "Step", "format_pipeline", "parse_pipeline",
+    "FunctionPass", "Pass", "PassResult", "function_pass", "ENTRY_POINT_GROUP", "PassRegistry",
+]
