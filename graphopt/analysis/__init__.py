@@ -1,0 +1,7 @@
+"""Analyses over the IR: statistics, and (as the library grows) cost models and graph algorithms."""
+
+from __future__ import annotations
+
+from graphopt.analysis._stats import ModelStats, model_stats
+
+__all__ = ["ModelStats", "model_stats"]

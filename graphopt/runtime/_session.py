@@ -19,22 +19,11 @@ logger = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
-# onnxruntime release -> the newest ONNX IR version it loads.
-_ORT_MAX_IR = ((1, 31, 13), (1, 23, 11), (1, 20, 10), (1, 17, 9), (1, 14, 8))
-
-
 def max_ir_version() -> int:
-    """The newest ONNX IR version the installed onnxruntime accepts."""
-    import onnxruntime as ort
+    """The newest ONNX IR version the installed onnxruntime accepts (probed once)."""
+    from graphopt.runtime._targets import runtime_limits
 
-    try:
-        major, minor = (int(x) for x in ort.__version__.split(".")[:2])
-    except ValueError:
-        return 10
-    for ma, mi, ir in _ORT_MAX_IR:
-        if (major, minor) >= (ma, mi):
-            return ir
-    return 7
+    return runtime_limits().max_ir_version
 
 
 def make_session(model: onnx.ModelProto | bytes | str, *, target: str = "cpu",
