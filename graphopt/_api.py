@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, ContextManager, Iterable
 
 import onnx
 
 from graphopt import ir
+from graphopt._progress import ProgressDisplay
 from graphopt.analysis import ModelStats, model_stats
 from graphopt.errors import EmitError, GraphoptError, UnsupportedModelError, VerificationError
 from graphopt.ir import Model
@@ -45,7 +47,8 @@ def check_input(model: Model) -> None:
     """Refuse models graphopt cannot optimize safely, with a one-line reason.
 
     Sorts graphs that are merely out of order; raises on cycles, dangling references, opsets
-    newer than the installed onnx, and nodes in domains the model does not import.
+    newer than the installed onnx, nodes in domains the model does not import, and default-domain
+    ops that do not exist at the model's opset (a corrupt or misspelled op type).
     """
     newest = onnx.defs.onnx_opset_version()
     default = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
@@ -58,6 +61,34 @@ def check_input(model: Model) -> None:
     problems = ir.find_problems(model)
     if problems:
         raise VerificationError([f"invalid input model: {problems[0]}"] + problems[1:])
+    _check_default_domain_ops(model)
+
+
+def _check_default_domain_ops(model: Model) -> None:
+    # Passes rely on the standard semantics of default-domain ops: an op unknown at the imported
+    # opset cannot be reasoned about, and onnxruntime would refuse the model anyway.
+    known: dict[tuple[str, int], bool] = {}
+    for g in model.all_graphs():
+        imports = g.opset_imports()
+        version = imports.get("", imports.get("ai.onnx"))
+        if version is None:
+            continue
+        for node in g:
+            if node.domain not in ("", "ai.onnx") or (node.domain, node.op_type, node.overload) in model.functions:
+                continue
+            key = (node.op_type, version)
+            if key not in known:
+                try:
+                    onnx.defs.get_schema(node.op_type, version, "")
+                    known[key] = True
+                except onnx.defs.SchemaError:
+                    known[key] = False
+            if not known[key]:
+                who = f"node '{node.name}'" if node.name else f"a {node.op_type!r} node"
+                raise UnsupportedModelError(
+                    f"{who} uses op '{node.op_type}', which opset {version} of the default ONNX "
+                    "domain does not define (misspelled, corrupt, or from a newer opset; give "
+                    "custom ops their own domain)")
 
 
 def resolve_pipeline(ctx: PassContext, *, level: int, pipeline: str | None,
@@ -89,16 +120,19 @@ class OptimizeOutcome:
 def optimize_model(source: ModelSource, *, level: int = 2, pipeline: str | None = None,
                    target: str = "cpu", enable: Iterable[str] = (), disable: Iterable[str] = (),
                    ctx: PassContext | None = None, output: str | os.PathLike | None = None,
-                   external_data: bool | None = None) -> OptimizeOutcome:
+                   external_data: bool | None = None,
+                   progress: ProgressDisplay | None = None) -> OptimizeOutcome:
     """Load, check, optimize, fit to the runtime and (optionally) save; return everything.
 
-    This is :func:`optimize` with the report and statistics the CLI prints.
+    This is :func:`optimize` with the report and statistics the CLI prints. ``progress`` (a
+    :class:`~graphopt._progress.ProgressDisplay`) shows loading, the passes and saving.
     """
     if isinstance(source, Model):
         raise GraphoptError("optimize() takes a path, bytes or an onnx.ModelProto; "
                             "run a PassManager directly on an IR Model")
     t0 = time.perf_counter()
-    model = ir.load(source)
+    with _bytes_step(progress, "loading") as advance:
+        model = ir.load(source, progress=advance)
     load_seconds = time.perf_counter() - t0
     if ctx is None:
         ctx = PassContext(opt_level=level, target=target)
@@ -106,14 +140,26 @@ def optimize_model(source: ModelSource, *, level: int = 2, pipeline: str | None 
     check_input(model)
     before = model_stats(model)
     text = resolve_pipeline(ctx, level=level, pipeline=pipeline, enable=enable)
-    report = PassManager(text, ctx).run(model)
+    shown = progress.pass_instrument() if progress is not None else None
+    if shown is not None:
+        ctx.instruments.append(shown)
+    try:
+        report = PassManager(text, ctx).run(model)
+    finally:
+        if shown is not None:
+            ctx.instruments.remove(shown)
     emit_changes = fit_to_runtime(model)
     after = model_stats(model)
     t1 = time.perf_counter()
     if output is not None:
-        ir.save(model, output, external_data=external_data)
+        with _bytes_step(progress, "saving") as advance:
+            ir.save(model, output, external_data=external_data, progress=advance)
     return OptimizeOutcome(model, report, before, after, emit_changes, load_seconds,
                            time.perf_counter() - t1)
+
+
+def _bytes_step(progress: ProgressDisplay | None, description: str) -> ContextManager[Any]:
+    return progress.bytes_step(description) if progress is not None else contextlib.nullcontext(None)
 
 
 def optimize(model: ModelSource, *, level: int = 2, pipeline: str | None = None, target: str = "cpu",

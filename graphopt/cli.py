@@ -49,6 +49,8 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
+        root = logging.getLogger("graphopt")
+        saved = (list(root.handlers), root.level, root.propagate)
         _setup_logging(debug, bool(kwargs.get("verbose")))
         try:
             return fn(*args, **kwargs)
@@ -71,6 +73,9 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"graphopt: internal error: {type(exc).__name__}: {exc} "
                        "(this is a bug in graphopt; rerun with --debug for the traceback)", err=True)
             sys.exit(EXIT_INTERNAL_ERROR)
+        finally:
+            # Commands may run in-process (tests, notebooks): leave logging as it was.
+            root.handlers[:], root.level, root.propagate = saved[0], saved[1], saved[2]
 
     return wrapper
 
@@ -81,7 +86,29 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """A group whose tool commands (verify, bench, inspect...) are imported on first use.
+
+    They live in their own modules, which import helpers from this one: loading them lazily
+    avoids a circular import and keeps ``graphopt optimize`` start-up fast.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:  # noqa: D102
+        return sorted(set(super().list_commands(ctx)) | {name for name, _, _ in _TOOL_COMMANDS})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:  # noqa: D102
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        import importlib
+
+        for command_name, module_name, attribute in _TOOL_COMMANDS:
+            if command_name == name:
+                return getattr(importlib.import_module(module_name), attribute)
+        return None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="graphopt")
 def cli() -> None:
     """graphopt: compiler-style graph optimization for ONNX models."""
@@ -114,7 +141,10 @@ def _same_file(a: str, b: str) -> bool:
 @click.option("--disable", multiple=True, metavar="PASS", help="Never run PASS (repeatable).")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Execution provider the output is for.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write a JSON report of the run (schema graphopt.report/1).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Write a self-contained HTML report: pass table, charts, what changed.")
 @click.option("--time-passes", is_flag=True, help="Print time per pass.")
 @click.option("--stats", is_flag=True, help="Print the counters of every pass.")
 @click.option("--dump-ir", type=click.Path(file_okay=False), metavar="DIR",
@@ -131,11 +161,12 @@ def _same_file(a: str, b: str) -> bool:
 @click.option("--external-data/--no-external-data", default=None,
               help="Store large weights in a separate file (default: automatic).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated inputs.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing on success; no progress bars.")
 @_common
 @_guard
 def optimize(input_path: str, output: str, level: int, pipeline: str | None, enable: tuple[str, ...],
-             disable: tuple[str, ...], target: str, report_path: str | None, time_passes: bool,
+             disable: tuple[str, ...], target: str, report_path: str | None, html_path: str | None,
+             time_passes: bool,
              stats: bool, dump_ir: str | None, verify_each: str | None, bisect_limit: int | None,
              load_pass: tuple[str, ...], crash_dir: str | None, external_data: bool | None, seed: int,
              quiet: bool, debug: bool, verbose: bool) -> None:
@@ -148,27 +179,38 @@ def optimize(input_path: str, output: str, level: int, pipeline: str | None, ena
     if _same_file(input_path, output) or os.path.abspath(input_path) == os.path.abspath(output):
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input "
                             "(choose another -o)")
+    from graphopt._progress import ProgressDisplay
+    from graphopt._report import ChangeTracker, build_optimize_report, check_report_path
+
+    for path, what in ((report_path, "report"), (html_path, "HTML report")):
+        if path:  # refuse before any work, so a bad report path never leaves a lone output
+            check_report_path(path, what)
     registry = _registry(load_pass)
     ctx = PassContext(opt_level=level, target=target, seed=seed, bisect_limit=bisect_limit,
                       registry=registry)
     instruments = _instruments(ctx, input_path, pipeline, level, time_passes, stats, dump_ir,
                                verify_each, crash_dir)
-    outcome = optimize_model(input_path, level=level, pipeline=pipeline, target=target, enable=enable,
-                             disable=disable, ctx=ctx, output=output, external_data=external_data)
-    if report_path:
-        _write_json(report_path, _report_dict(input_path, output, target, outcome))
+    tracker = ChangeTracker() if (report_path or html_path) else None
+    if tracker is not None:
+        ctx.instruments.append(tracker)
+    with ProgressDisplay.for_stderr(quiet=quiet) as progress:
+        outcome = optimize_model(input_path, level=level, pipeline=pipeline, target=target,
+                                 enable=enable, disable=disable, ctx=ctx, output=output,
+                                 external_data=external_data, progress=progress)
+    if report_path or html_path:
+        _write_reports(report_path, html_path, build_optimize_report(
+            outcome, input_path=input_path, output_path=output, target=target, level=level,
+            pipeline_option=pipeline, enable=enable, disable=disable, tracker=tracker))
     if quiet:
         return
     console = _console()
     console.print(_summary_table(input_path, output, outcome))
     if time_passes or stats:
         console.print(_pass_table(outcome.report, show_counters=stats))
-    rep = outcome.report
+    # Other report warnings were already logged to stderr as they happened.
     if bisect_limit is not None:
         console.print(f"bisect: {ctx.rewrites_applied} rewrite(s) applied"
                       + (f", stopped at the limit of {bisect_limit}" if ctx.bisect_stopped else ""))
-    for w in rep.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
     if dump_ir:
         console.print(f"IR dumps written to {dump_ir}")
     del instruments
@@ -258,39 +300,14 @@ def _pass_table(report, *, show_counters: bool) -> Table:
     return table
 
 
-def _report_dict(input_path: str, output: str, target: str, outcome) -> dict[str, Any]:
-    import graphopt
+def _write_reports(report_path: str | None, html_path: str | None, data: dict[str, Any]) -> None:
+    from graphopt._report import write_report
+    from graphopt._report_html import write_html
 
-    rep = outcome.report
-    return {
-        "schema": "graphopt.report/1",
-        "graphopt_version": graphopt.__version__,
-        "command": "optimize",
-        "input": {"path": input_path, "bytes": _file_size(input_path), **outcome.before.to_dict()},
-        "output": {"path": output, "bytes": _file_size(output), **outcome.after.to_dict()},
-        "target": target,
-        "pipeline": rep.pipeline,
-        "passes": [{"name": r.name, "changed": r.changed, "seconds": r.seconds, "round": r.round,
-                    "counters": r.counters} for r in rep.records],
-        "warnings": rep.warnings,
-        "emit": outcome.emit_changes,
-        "seconds": {"load": outcome.load_seconds, "passes": rep.seconds, "save": outcome.save_seconds},
-    }
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise GraphoptError(f"cannot write report '{path}': folder '{folder}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".report.", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if report_path:
+        write_report(report_path, data)
+    if html_path:
+        write_html(html_path, data)
 
 
 @cli.command("passes")
@@ -363,6 +380,14 @@ def why_not_cmd(model_path: str, rule_name: str, load_pass: tuple[str, ...], deb
         click.echo(f"rule '{rule_name}': no candidate nodes in {model_path}")
         return
     click.echo(format_why_not(results))
+
+
+# (command name, module, click command attribute): commands kept in their own files.
+_TOOL_COMMANDS: list[tuple[str, str, str]] = [
+    ("verify", "graphopt._cli_verify", "verify"),
+    ("bench", "graphopt._cli_bench", "bench"),
+    ("inspect", "graphopt._cli_inspect", "inspect_cmd"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:

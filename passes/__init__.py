@@ -1,13 +1,38 @@
 """graphopt's built-in pass library (installed as ``graphopt.passes``).
 
 Every pass here is written with the public API only (``graphopt.ir``, ``graphopt.pipeline``,
-``graphopt.rewrite``), exactly as a plugin pass would be.
+``graphopt.rewrite``), exactly as a plugin pass would be. ``PASSES`` lists the pass classes the
+default registry loads; ``PIPELINES`` holds the ``O0``-``O3`` presets and named groups.
+
+Example:
+    >>> from graphopt.passes import PASSES
+    >>> sorted(p.name for p in PASSES)[:2]
+    ['dedup-initializers', 'eliminate-dead-code']
 """
 
 from __future__ import annotations
 
+from graphopt.passes.cleanup import DedupInitializers, EliminateDeadCode, EliminateIdentity, TopoSort
+from graphopt.passes.fold import FoldConstants, InferShapes
 from graphopt.passes.pipelines import PIPELINES
+from graphopt.passes.simplify import (EliminateCommonSubexpressions, EliminateNoOps, InlineConstantIf,
+                                      MergeChains)
+from graphopt.pipeline import Pass
 
-PASSES: list = []
+PASSES: list[type[Pass]] = [
+    # cleanup
+    TopoSort,
+    EliminateIdentity,
+    EliminateDeadCode,
+    DedupInitializers,
+    # fold
+    InferShapes,
+    FoldConstants,
+    # simplify
+    InlineConstantIf,
+    EliminateNoOps,
+    MergeChains,
+    EliminateCommonSubexpressions,
+]
 
 __all__ = ["PASSES", "PIPELINES"]

@@ -5,3 +5,7 @@ from __future__ import annotations
 from graphopt.analysis._stats import ModelStats, model_stats
 
 __all__ = ["ModelStats", "model_stats"]
+
+from graphopt.analysis._flops import FlopsReport, NodeFlops, bind_and_infer_shapes, estimate_flops
+
+__all__ += ["FlopsReport", "NodeFlops", "bind_and_infer_shapes", "estimate_flops"]

@@ -5,8 +5,10 @@ Use-def chains are kept true by every mutation method: a node's inputs are chang
 but defined in an enclosing graph records that inner use like any other, so dead-code removal
 never drops a value an ``If`` or ``Loop`` body still reads.
 
-Nodes of a graph live in a doubly linked list. A removed node keeps its forward link, so an
-iterator standing on it moves on to the next live node: removing nodes while iterating is safe.
+Nodes of a graph live in a doubly linked list of link boxes. Removing a node erases its box,
+which keeps its links, so an iterator standing on it moves on to the next live node: removing
+nodes while iterating is safe. A node inserted again gets a new box, so moving the node the
+iterator stands on neither skips nor repeats the nodes after it.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ class Value:
         (('N', 3), [])
     """
 
-    __slots__ = ("name", "type", "const_value", "producer", "index", "graph", "doc_string",
+    __slots__ = ("_name", "type", "const_value", "producer", "index", "graph", "doc_string",
                  "metadata_props", "meta", "_uses", "_loaded_type")
 
     def __init__(self, name: str = "", type: ValueType | None = None, *,
                  const_value: Tensor | SparseTensor | None = None) -> None:
-        self.name = name
+        self._name = name
         self.type: ValueType | None = type
         self.const_value = const_value
         self.producer: Node | None = None
@@ -66,6 +68,19 @@ class Value:
 
     def __repr__(self) -> str:  # noqa: D105
         return f"Value({self.name!r}, {self.type})"
+
+    @property
+    def name(self) -> str:
+        """The ONNX name ("" for an omitted optional output)."""
+        return self._name
+
+    @name.setter
+    def name(self, name: str) -> None:
+        self._name = name
+        # Keep Model.unique_name from handing out a name that a value in the model now has.
+        owner = self.owning_graph()
+        if name and owner is not None:
+            owner._note_names((name,))
 
     # -- type shortcuts --------------------------------------------------------------------------
     @property
@@ -160,8 +175,11 @@ class Value:
                           or other.owning_graph() is not owner)
             if keeps_name:
                 ident = Node("", "Identity", [other], num_outputs=1)
-                owner.insert_after(self.producer, ident) if self.producer is not None and \
-                    self.producer.graph is owner else owner.append(ident)
+                # The Identity must follow the node computing ``other`` when that node is in
+                # this graph (it may come after the old producer); otherwise any place works.
+                anchor = next((p for p in (other.producer, self.producer)
+                               if p is not None and p.graph is owner), None)
+                owner.insert_after(anchor, ident) if anchor is not None else owner.append(ident)
                 target = ident.outputs[0]
             old_name = self.name
             model = owner.root_model()
@@ -200,8 +218,7 @@ class Node:
     """
 
     __slots__ = ("name", "domain", "op_type", "overload", "_inputs", "_outputs", "attributes",
-                 "doc_string", "metadata_props", "meta", "graph", "_prev", "_next", "_erased",
-                 "_extra", "_explicit")
+                 "doc_string", "metadata_props", "meta", "graph", "_link", "_extra", "_explicit")
 
     def __init__(self, domain: str, op_type: str, inputs: Sequence[Value | None] = (), *,
                  attributes: Iterable[Attr] | dict[str, Any] = (), num_outputs: int = 1,
@@ -215,9 +232,7 @@ class Node:
         self.metadata_props: dict[str, str] | None = None
         self.meta: dict[str, Any] = {}
         self.graph: Graph | None = None
-        self._prev: Node | None = None
-        self._next: Node | None = None
-        self._erased = False
+        self._link: _Link | None = None  # the node's box in its graph's list; None when detached
         self._extra: onnx.NodeProto | None = None  # fields graphopt does not model, kept as is
         self._explicit: tuple[str, ...] = ()  # proto fields set explicitly to their default
         if isinstance(attributes, dict):
@@ -260,6 +275,8 @@ class Node:
 
     def replace_input(self, index: int, value: Value | None) -> None:
         """Set input ``index`` to ``value``, updating both values' use lists."""
+        # Uses are keyed by the non-negative slot; normalize (and range-check) negative indices.
+        index = range(len(self._inputs))[index]
         old = self._inputs[index]
         if old is value:
             return
@@ -329,6 +346,8 @@ class Node:
         self.attributes[name] = attr
         for g in attr.graphs():
             g.parent = self
+            if self.graph is not None:
+                self.graph._note_names(_graph_names(g))
 
     def subgraphs(self) -> list[Graph]:
         """Graphs held in this node's attributes (If branches, Loop/Scan bodies...)."""
@@ -344,11 +363,44 @@ class Node:
         """The opset version of this node's domain, from the model or function that holds it."""
         g = self.graph
         imports = g.opset_imports() if g is not None else {}
-        return imports.get(self.domain if self.domain != "ai.onnx" else "")
+        if self.domain in ("", "ai.onnx"):
+            # The default domain may be imported under either spelling.
+            return imports.get("", imports.get("ai.onnx"))
+        return imports.get(self.domain)
 
     def is_live(self) -> bool:
         """True while the node belongs to a graph."""
-        return self.graph is not None and not self._erased
+        return self._link is not None
+
+
+class _Link:
+    """A node's place in a graph's node list; erased (never reused) when the node is removed."""
+
+    __slots__ = ("node", "prev", "next", "erased")
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.prev: _Link | None = None
+        self.next: _Link | None = None
+        self.erased = False
+
+
+def _graph_names(g: Graph) -> Iterator[str]:
+    """Every value name a graph defines: inputs, initializers and node outputs, recursively."""
+    for v in g.inputs:
+        yield v.name
+    yield from g.initializers
+    yield from g.sparse_initializers
+    for node in g:
+        yield from _defined_names(node)
+
+
+def _defined_names(node: Node) -> Iterator[str]:
+    """The names of a node's outputs and of every value defined in its subgraphs."""
+    for v in node.outputs:
+        yield v.name
+    for sub in node.subgraphs():
+        yield from _graph_names(sub)
 
 
 class Graph:
@@ -381,8 +433,8 @@ class Graph:
         self.parent: Node | None = None
         self.model: Model | None = None
         self.function: Function | None = None
-        self._head: Node | None = None
-        self._tail: Node | None = None
+        self._head: _Link | None = None
+        self._tail: _Link | None = None
         self._len = 0
         # Original ValueInfoProtos by (role, value), re-emitted verbatim while unchanged.
         self._infos: dict[tuple[str, Value], onnx.ValueInfoProto] = {}
@@ -397,43 +449,57 @@ class Graph:
         return self._len
 
     def __iter__(self) -> Iterator[Node]:
-        node = self._head
-        while node is not None:
-            if not node._erased:
-                yield node
-            node = node._next
-            while node is not None and node._erased:
-                node = node._next
+        link = self._head
+        while link is not None:
+            if not link.erased:
+                yield link.node
+            link = link.next
+            while link is not None and link.erased:
+                link = link.next
 
     def __reversed__(self) -> Iterator[Node]:
-        node = self._tail
-        while node is not None:
-            prev = node._prev
-            if not node._erased:
-                yield node
-            node = prev
+        link = self._tail
+        while link is not None:
+            if not link.erased:
+                yield link.node
+            link = link.prev
+            while link is not None and link.erased:
+                link = link.prev
 
     @property
     def nodes(self) -> list[Node]:
         """A snapshot list of the nodes, in order."""
         return list(self)
 
-    def _link_check(self, node: Node) -> None:
-        if node.graph is not None and not node._erased:
+    def _new_link(self, node: Node) -> _Link:
+        if node._link is not None:
             raise ValueError(f"{node!r} already belongs to a graph; remove it first")
-        node._erased = False
+        link = _Link(node)
+        node._link = link
         node.graph = self
+        self._note_names(_defined_names(node))
+        return link
+
+    def _check_anchor(self, anchor: Node) -> _Link:
+        if anchor.graph is not self or anchor._link is None:
+            raise ValueError(f"anchor {anchor!r} is not in graph '{self.name}'")
+        return anchor._link
+
+    def _note_names(self, names: Iterable[str]) -> None:
+        """Add names now defined in this graph to the model's name cache, if it was built."""
+        model = self.root_model()
+        if model is not None and model._names is not None:
+            model._names.update(names)
 
     def append(self, node: Node) -> Node:
         """Add ``node`` at the end; returns it."""
-        self._link_check(node)
-        node._prev = self._tail
-        node._next = None
+        link = self._new_link(node)
+        link.prev = self._tail
         if self._tail is not None:
-            self._tail._next = node
+            self._tail.next = link
         else:
-            self._head = node
-        self._tail = node
+            self._head = link
+        self._tail = link
         self._len += 1
         return node
 
@@ -446,16 +512,15 @@ class Graph:
         """Insert ``node`` just before ``anchor`` (at the end when ``anchor`` is ``None``)."""
         if anchor is None:
             return self.append(node)
-        if anchor.graph is not self or anchor._erased:
-            raise ValueError(f"anchor {anchor!r} is not in graph '{self.name}'")
-        self._link_check(node)
-        node._prev = anchor._prev
-        node._next = anchor
-        if anchor._prev is not None:
-            anchor._prev._next = node
+        at = self._check_anchor(anchor)
+        link = self._new_link(node)
+        link.prev = at.prev
+        link.next = at
+        if at.prev is not None:
+            at.prev.next = link
         else:
-            self._head = node
-        anchor._prev = node
+            self._head = link
+        at.prev = link
         self._len += 1
         return node
 
@@ -464,21 +529,20 @@ class Graph:
         if anchor is None:
             if self._head is None:
                 return self.append(node)
-            return self.insert_before(self._head, node)
-        if anchor._next is None:
+            return self.insert_before(self._head.node, node)
+        at = self._check_anchor(anchor)
+        if at.next is None:
             return self.append(node)
-        nxt = anchor._next
-        while nxt is not None and nxt._erased:
-            nxt = nxt._next
-        return self.insert_before(nxt, node) if nxt is not None else self.append(node)
+        return self.insert_before(at.next.node, node)
 
     def remove(self, node: Node, *, force: bool = False) -> None:
         """Unlink ``node`` from the graph and drop its (and its subgraphs') uses of values.
 
         Refused when an output is still read or is a graph output, unless ``force`` is true.
-        The node keeps its forward link, so iterators standing on it continue.
+        The node's erased link box keeps its links, so iterators standing on it continue.
         """
-        if node.graph is not self or node._erased:
+        link = node._link
+        if node.graph is not self or link is None:
             raise ValueError(f"{node!r} is not in graph '{self.name}'")
         if not force:
             for out in node.outputs:
@@ -488,29 +552,35 @@ class Graph:
                 if any(v is out for v in self.outputs):
                     raise ValueError(f"cannot remove {node!r}: output '{out.name}' is a graph output")
         node.detach_inputs()
-        prev, nxt = node._prev, node._next
+        prev, nxt = link.prev, link.next
         if prev is not None:
-            prev._next = nxt
+            prev.next = nxt
         else:
             self._head = nxt
         if nxt is not None:
-            nxt._prev = prev
+            nxt.prev = prev
         else:
             self._tail = prev
-        node._erased = True
+        link.erased = True
+        node._link = None
         node.graph = None
         self._len -= 1
 
     def _relink(self, order: list[Node]) -> None:
         """Replace the node order with ``order`` (the same nodes), used by sorting."""
-        prev: Node | None = None
+        prev: _Link | None = None
+        head: _Link | None = None
         for n in order:
-            n._prev = prev
-            n._next = None
+            link = n._link
+            assert link is not None and n.graph is self
+            link.prev = prev
+            link.next = None
             if prev is not None:
-                prev._next = n
-            prev = n
-        self._head = order[0] if order else None
+                prev.next = link
+            else:
+                head = link
+            prev = link
+        self._head = head
         self._tail = prev
         self._len = len(order)
 
@@ -520,6 +590,7 @@ class Graph:
         v = Value(name, type)
         v.graph = self
         self.inputs.append(v)
+        self._note_names((name,))
         return v
 
     def add_initializer(self, name: str, tensor: Tensor) -> Value:
@@ -530,12 +601,17 @@ class Graph:
         v = Value(name, TensorType(tensor.dtype, Shape(tensor.shape)), const_value=tensor)
         v.graph = self
         self.initializers[name] = v
+        self._note_names((name,))
         return v
 
     def remove_initializer(self, value: Value) -> None:
         """Drop an initializer (it must be unused, and not a graph input or output)."""
         if value.has_uses():
             raise ValueError(f"initializer '{value.name}' is still used")
+        # Dropping the default of an input (IR < 4) or an output's value changes the signature.
+        if any(v is value for v in self.inputs) or any(v is value for v in self.outputs):
+            raise ValueError(f"initializer '{value.name}' is a graph input or output of graph "
+                             f"'{self.name}'; remove it from there first")
         for table in (self.initializers, self.sparse_initializers):
             if table.get(value.name) is value:
                 del table[value.name]
@@ -698,7 +774,8 @@ class Model:
 
     __slots__ = ("graph", "ir_version", "opset_imports", "producer_name", "producer_version",
                  "domain", "model_version", "doc_string", "metadata_props", "functions",
-                 "training_info", "configuration", "base_dir", "meta", "_names", "_explicit")
+                 "training_info", "configuration", "base_dir", "meta", "_names", "_name_counters",
+                 "_explicit")
 
     def __init__(self, graph: Graph, *, ir_version: int = 10, opset_imports: dict[str, int] | None = None,
                  producer_name: str = "", producer_version: str = "", domain: str = "",
@@ -719,6 +796,7 @@ class Model:
         self.base_dir: str | None = None
         self.meta: dict[str, Any] = {}
         self._names: set[str] | None = None
+        self._name_counters: dict[str, int] = {}
         self._explicit: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # noqa: D105
@@ -728,6 +806,8 @@ class Model:
         """Register a model-local function."""
         function.model = self
         self.functions[function.key] = function
+        if self._names is not None:
+            self._names.update(_graph_names(function.graph))
 
     def all_graphs(self) -> Iterator[Graph]:
         """The main graph, its subgraphs, and every function body with its subgraphs."""
@@ -743,7 +823,11 @@ class Model:
             yield from g
 
     def unique_name(self, hint: str = "v") -> str:
-        """A value name not used anywhere in the model, derived from ``hint``."""
+        """A value name not used anywhere in the model, derived from ``hint``.
+
+        Names that appear later are seen too: nodes, inputs, initializers, subgraphs and
+        functions added through the IR's methods, and values renamed by assigning ``Value.name``.
+        """
         if self._names is None:
             names: set[str] = set()
             for g in self.all_graphs():
@@ -755,16 +839,19 @@ class Model:
             self._names = names
         hint = hint or "v"
         name = hint
-        k = 0
+        # Resume numbering where the last call with this hint stopped: linear, not quadratic.
+        k = self._name_counters.get(hint, 0)
         while name in self._names:
             k += 1
             name = f"{hint}_{k}"
+        self._name_counters[hint] = k
         self._names.add(name)
         return name
 
     def forget_names(self) -> None:
         """Drop the cache behind :meth:`unique_name` (after bulk renames from outside)."""
         self._names = None
+        self._name_counters = {}
 
 
 def tensor_type_of(array: np.ndarray) -> TensorType:

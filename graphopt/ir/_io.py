@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import BinaryIO, Union
+from typing import BinaryIO, Callable, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -18,22 +18,25 @@ from google.protobuf.message import DecodeError
 from graphopt.errors import EmitError, ModelLoadError
 from graphopt.ir._core import Model
 from graphopt.ir._serde import model_from_proto, model_to_proto
-from graphopt.ir._tensors import Tensor
+from graphopt.ir._tensors import ExternalTensor, ProtoTensor, Tensor
 
 __all__ = ["load", "save", "to_proto", "ModelSource"]
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, Model]
 
 _PROTOBUF_LIMIT = 2**31 - 1
+_READ_CHUNK = 16 * 1024 * 1024
 #: Above this many bytes of initializers a model is saved with external data by default.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-def load(source: ModelSource, *, base_dir: str | None = None) -> Model:
+def load(source: ModelSource, *, base_dir: str | None = None,
+         progress: Callable[[int, int], None] | None = None) -> Model:
     """Load a model into the IR from a path, serialized bytes or a ``ModelProto``.
 
     External data is not read: it is memory-mapped on demand. A ``ModelProto`` passed in is
-    never modified.
+    never modified. ``progress``, if given, is called with (bytes read, file size) as a file is
+    read.
 
     Raises:
         ModelLoadError: the file is missing, unreadable, truncated or not an ONNX model, or its
@@ -48,10 +51,10 @@ def load(source: ModelSource, *, base_dir: str | None = None) -> Model:
         return source
     if isinstance(source, onnx.ModelProto):
         _check_looks_like_onnx(source, "the given ModelProto")
-        return model_from_proto(source, base_dir)
+        return _from_proto(source, base_dir, "the given ModelProto")
     if isinstance(source, (bytes, bytearray, memoryview)):
         proto = _parse(bytes(source), "the given bytes")
-        return model_from_proto(proto, base_dir)
+        return _from_proto(proto, base_dir, "the given bytes")
     path = os.fspath(source)
     if not os.path.exists(path):
         raise ModelLoadError(f"model file '{path}' does not exist")
@@ -59,12 +62,56 @@ def load(source: ModelSource, *, base_dir: str | None = None) -> Model:
         raise ModelLoadError(f"'{path}' is a folder, not an ONNX model file")
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = _read(f, progress)
     except OSError as exc:
         raise ModelLoadError(f"cannot read '{path}': {exc.strerror}") from None
     proto = _parse(data, f"'{path}'")
     del data
-    return model_from_proto(proto, base_dir if base_dir is not None else os.path.dirname(os.path.abspath(path)))
+    return _from_proto(proto, base_dir if base_dir is not None else os.path.dirname(os.path.abspath(path)),
+                       f"'{path}'")
+
+
+def _read(f: BinaryIO, progress: Callable[[int, int], None] | None) -> bytes:
+    if progress is None:
+        return f.read()
+    size = os.fstat(f.fileno()).st_size
+    chunks: list[bytes] = []
+    done = 0
+    while chunk := f.read(_READ_CHUNK):
+        chunks.append(chunk)
+        done += len(chunk)
+        progress(done, size)
+    return b"".join(chunks)
+
+
+def _from_proto(proto: onnx.ModelProto, base_dir: str | None, what: str) -> Model:
+    # proto2 strings are not checked when parsed: invalid UTF-8 comes back as bytes, or raises
+    # when read. Either way the file is corrupt; say so now rather than fail in a pass or at save.
+    try:
+        model = model_from_proto(proto, base_dir)
+    except UnicodeDecodeError:
+        model = None
+    if model is None or _has_undecodable_names(model):
+        raise ModelLoadError(f"{what} has a name or string field that is not valid UTF-8; "
+                             "the file is corrupt") from None
+    return model
+
+
+def _has_undecodable_names(model: Model) -> bool:
+    fields = [model.producer_name, model.producer_version, model.domain, model.doc_string]
+    for fn in model.functions.values():
+        fields += [fn.domain, fn.name, fn.overload, fn.doc_string]
+    for g in model.all_graphs():
+        fields += [g.name, g.doc_string]
+        fields += [v.name for v in g.inputs] + [v.name for v in g.outputs] + list(g.initializers)
+        for node in g:
+            fields += [node.name, node.op_type, node.domain, node.overload, node.doc_string]
+            fields += [v.name for v in node.outputs]
+            fields += [v.name for v in node.inputs if v is not None]
+        if any(isinstance(f, bytes) for f in fields):
+            return True
+        fields = []
+    return any(isinstance(f, bytes) for f in fields)
 
 
 def _parse(data: bytes, what: str) -> onnx.ModelProto:
@@ -74,6 +121,11 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
+        if "depth" in str(exc).lower() or "recursion" in str(exc).lower():
+            raise ModelLoadError(
+                f"{what} nests subgraphs deeper than protobuf reads (100 message levels, about 30 "
+                "nested If/Loop bodies); onnx and onnxruntime cannot load it either: flatten "
+                "the nested control flow") from None
         raise ModelLoadError(f"{what} is not a valid ONNX model (protobuf parse failed: {exc}); "
                              "the file may be truncated or of another format") from None
     _check_looks_like_onnx(proto, what)
@@ -100,7 +152,21 @@ def to_proto(model: Model) -> onnx.ModelProto:
     if total > _PROTOBUF_LIMIT:
         raise EmitError(f"the model holds {total / 1e9:.1f} GB of tensors, over protobuf's 2 GB "
                         "limit for one message; save it to a path (external data) instead")
-    return model_to_proto(model)
+    return _build_proto(model)
+
+
+def _build_proto(model: Model, writer: Callable[[Tensor], onnx.TensorProto] | None = None) -> onnx.ModelProto:
+    try:
+        return model_to_proto(model, writer) if writer is not None else model_to_proto(model)
+    except UnicodeDecodeError:
+        raise EmitError("the model has a name or string field that is not valid UTF-8 (was the "
+                        "input corrupt?); fix the name and save again") from None
+    except (DecodeError, RecursionError) as exc:
+        if isinstance(exc, RecursionError) or "depth" in str(exc).lower():
+            raise EmitError("the model nests subgraphs deeper than protobuf can store (100 message "
+                            "levels, about 30 nested If/Loop bodies); onnx and onnxruntime could not "
+                            "read it: flatten the nested control flow") from None
+        raise
 
 
 def _tensors(model: Model):
@@ -111,7 +177,8 @@ def _tensors(model: Model):
 
 
 def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = None,
-         location: str | None = None, size_threshold: int = 1024) -> None:
+         location: str | None = None, size_threshold: int = 1024,
+         progress: Callable[[int, int], None] | None = None) -> None:
     """Write ``model`` to ``path`` atomically.
 
     Args:
@@ -122,6 +189,7 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
         location: the data file's name, relative to the model's folder
             (default ``<file name>.data``).
         size_threshold: tensors smaller than this many bytes stay inline.
+        progress: called with (bytes written, bytes to write) as tensors are written.
 
     Raises:
         EmitError: the output cannot be written (folder missing, no permission, > 2 GB inline).
@@ -146,18 +214,24 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             data_tmp = _temp_in(out_dir, location)
             cleanup.append(data_tmp)
             with open(data_tmp, "wb") as data_file:
-                writer = _ExternalWriter(data_file, location, size_threshold)
-                proto = model_to_proto(model, writer)
+                writer = _ExternalWriter(data_file, location, size_threshold, progress,
+                                         sum(t.nbytes for t in tensors))
+                proto = _build_proto(model, writer)
             _write_proto(proto, path, out_dir, cleanup)
-            os.replace(data_tmp, os.path.join(out_dir, location))
+            data_path = os.path.join(out_dir, location)
+            replaced = os.path.realpath(data_path)
+            os.replace(data_tmp, data_path)
             cleanup.remove(data_tmp)
+            _repoint_overwritten(model, replaced, writer.written, out_dir)
         else:
             total = sum(t.nbytes for t in tensors)
             if total > _PROTOBUF_LIMIT:
                 raise EmitError(f"the model holds {total / 1e9:.1f} GB of tensors; protobuf cannot "
                                 "store over 2 GB in one file: save with external_data=True")
-            proto = model_to_proto(model)
+            proto = _build_proto(model)
             _write_proto(proto, path, out_dir, cleanup)
+            if progress is not None:
+                progress(total, total)
     except OSError as exc:
         raise EmitError(f"cannot write '{path}': {exc.strerror or exc}") from None
     finally:
@@ -186,18 +260,46 @@ def _write_proto(proto: onnx.ModelProto, path: str, out_dir: str, cleanup: list[
     cleanup.remove(tmp)
 
 
+def _repoint_overwritten(model: Model, replaced: str, written: dict[int, onnx.TensorProto],
+                         out_dir: str) -> None:
+    """Tensors that read the data file a save just replaced read the new file instead.
+
+    Saving over the model's own data file moves tensors to new offsets; without this, the
+    in-memory model would read the new file at the old offsets.
+    """
+    for g in model.all_graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if isinstance(t, ExternalTensor) and t.path == replaced and id(t) in written:
+                proto = written[id(t)]
+                v.const_value = (ExternalTensor(proto, out_dir)
+                                 if proto.data_location == onnx.TensorProto.EXTERNAL else ProtoTensor(proto))
+
+
 class _ExternalWriter:
     """Streams tensors at or above the threshold into the data file; returns reference protos."""
 
-    def __init__(self, f: BinaryIO, location: str, threshold: int) -> None:
+    def __init__(self, f: BinaryIO, location: str, threshold: int,
+                 progress: Callable[[int, int], None] | None = None, total: int = 0) -> None:
         self.f = f
         self.location = location
         self.threshold = threshold
         self.offset = 0
+        self.progress = progress
+        self.total = total
+        self.done = 0  # tensor bytes handled so far, inline or not (for progress)
+        self.written: dict[int, onnx.TensorProto] = {}  # id(tensor) -> proto written for it
+
+    def _advance(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
 
     def __call__(self, tensor: Tensor) -> onnx.TensorProto:
         if tensor.nbytes < self.threshold or tensor.dtype == onnx.TensorProto.STRING:
-            return tensor.to_proto(with_data=True)
+            inline = self.written[id(tensor)] = tensor.to_proto(with_data=True)
+            self._advance(tensor.nbytes)
+            return inline
         # Page alignment lets onnxruntime memory-map large weights.
         align = 4096 if tensor.nbytes >= 65536 else 64
         pad = (-self.offset) % align
@@ -208,6 +310,11 @@ class _ExternalWriter:
         for chunk in tensor.iter_bytes():
             self.f.write(chunk)
             self.offset += len(chunk)
+            self._advance(len(chunk))
+        if self.offset - start != tensor.nbytes:
+            # A wrong byte count would shift every later tensor: fail rather than corrupt.
+            raise EmitError(f"tensor '{tensor.name}' produced {self.offset - start} bytes, expected "
+                            f"{tensor.nbytes} for dtype {tensor.dtype} and shape {list(tensor.shape)}")
         proto = onnx.TensorProto()
         proto.name = tensor.name
         proto.data_type = tensor.dtype
@@ -220,4 +327,5 @@ class _ExternalWriter:
             entry = proto.external_data.add()
             entry.key = key
             entry.value = value
+        self.written[id(tensor)] = proto
         return proto

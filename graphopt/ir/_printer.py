@@ -66,9 +66,11 @@ def _visit(start: Node | None, g: Graph, live: set[Node], seen: set[Node], order
 
 def _deps(node: Node) -> list[Value | None]:
     deps = list(node.inputs)
-    for sub in node.subgraphs():
-        for inner in sub.all_nodes():
-            deps.extend(inner.inputs)
+    # Attributes in name order: the canonical order must not depend on how they were listed.
+    for attr in sorted(node.attributes.values(), key=lambda a: a.name):
+        for sub in attr.graphs():
+            for inner in sub.all_nodes():
+                deps.extend(inner.inputs)
     return deps
 
 
@@ -84,7 +86,8 @@ class _Namer:
 
     def value(self, v: Value) -> None:
         if v not in self.names:
-            if self.canonical and v.name:
+            # An unnamed output is an omitted optional one, unless something reads it.
+            if self.canonical and (v.name or v.has_uses() or v.is_graph_output()):
                 self.names[v] = f"v{self.values}"
                 self.values += 1
             else:
@@ -120,7 +123,9 @@ def _fmt_scalar(x, dtype: int) -> str:
 
 
 def _fmt_tensor(t: Tensor | SparseTensor, max_elements: int) -> str:
-    head = f"{dtype_name(t.dtype)}[{','.join(str(d) for d in t.shape)}]"
+    # A scalar is written without brackets (onnx.parser reads `float[]` as a shape to come).
+    dims = ",".join(str(d) for d in t.shape)
+    head = f"{dtype_name(t.dtype)}[{dims}]" if len(t.shape) else dtype_name(t.dtype)
     size = int(np.prod(t.shape)) if t.shape else 1
     if isinstance(t, SparseTensor) or size > max_elements:
         digest = t.digest() if isinstance(t, Tensor) else "sparse"
@@ -133,7 +138,10 @@ def _fmt_type(t) -> str:
     if t is None:
         return ""
     if isinstance(t, TensorType):
+        # onnx.parser reads `float` as a scalar and `float[]` as a tensor of unknown rank.
         if t.shape is None:
+            return dtype_name(t.dtype) + "[]"
+        if not t.shape.dims:
             return dtype_name(t.dtype)
         return dtype_name(t.dtype) + "[" + ",".join("?" if d is None else str(d) for d in t.shape.dims) + "]"
     if isinstance(t, OtherType):
@@ -187,7 +195,10 @@ class _Printer:
         for node in order:
             for v in node.outputs:
                 self.name.value(v)
-            for sub in node.subgraphs():
+            # Name subgraph values in the order the attributes are printed (sorted when canonical).
+            attrs = sorted(node.attributes.values(), key=lambda a: a.name) if self.canonical \
+                else list(node.attributes.values())
+            for sub in (sub for a in attrs if a.is_graph for sub in a.graphs()):
                 self.assign_names(sub, canonical_order(sub) if self.canonical else list(sub), False)
         if not keep_signature:
             for v in g.outputs:
@@ -197,8 +208,8 @@ class _Printer:
         ins = ", ".join(self.signature_value(v) for v in g.inputs)
         outs = ", ".join(self.signature_value(v) for v in g.outputs)
         lines = [f"{head}{g.name} ({ins}) => ({outs})"]
-        inits = [v for v in list(g.initializers.values()) + list(g.sparse_initializers.values())
-                 if not v.is_graph_input()]
+        # Initializers that are also inputs (IR < 4 defaults) are printed too, under their name.
+        inits = list(g.initializers.values()) + list(g.sparse_initializers.values())
         if self.canonical:
             inits.sort(key=lambda v: self.name(v)[:1] + self.name(v)[1:].zfill(8))
         if inits:

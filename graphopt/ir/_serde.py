@@ -13,7 +13,7 @@ from typing import Callable
 
 import onnx
 
-from graphopt.errors import ModelLoadError
+from graphopt.errors import ExternalDataError, ModelLoadError
 from graphopt.ir._attrs import Attr, attr_from_proto
 from graphopt.ir._core import Function, Graph, Model, Node, Value
 from graphopt.ir._tensors import ExternalTensor, ProtoTensor, SparseTensor, Tensor
@@ -54,7 +54,7 @@ class _Reader:
     def tensor(self, proto: onnx.TensorProto) -> Tensor:
         if proto.data_location == onnx.TensorProto.EXTERNAL:
             if self.base_dir is None:
-                raise ModelLoadError(
+                raise ExternalDataError(
                     f"tensor '{proto.name}' has external data but the model was given as bytes or a "
                     "proto; load it from its path, or pass base_dir= to graphopt.load")
             return ExternalTensor(proto, self.base_dir)

@@ -49,6 +49,26 @@ def storage_nbytes(dtype: int, shape: tuple[int, ...]) -> int:
     return count * numpy_dtype(dtype).itemsize
 
 
+def proto_storage_bytes(proto: onnx.TensorProto) -> Iterator[bytes]:
+    """Yield the bytes ``raw_data`` holds for the proto's values, whatever field stores them.
+
+    One encoding for every storage, so equal values give equal bytes (and digests): sub-byte
+    types packed, strings as 8-byte little-endian length + bytes per element.
+    """
+    if proto.HasField("raw_data"):
+        yield proto.raw_data
+    elif proto.data_type == onnx.TensorProto.STRING:
+        for s in proto.string_data:
+            yield len(s).to_bytes(8, "little") + s
+    else:
+        array = numpy_helper.to_array(proto)
+        if proto.data_type in _SUBBYTE_BITS:
+            # Typed storage holds one element per int32; raw storage packs them.
+            yield numpy_helper.from_array(array).raw_data
+        else:
+            yield np.ascontiguousarray(array).tobytes()
+
+
 class Tensor:
     """A constant tensor. Subclasses decide where the bytes live."""
 
@@ -80,7 +100,7 @@ class Tensor:
 
     def iter_bytes(self) -> Iterator[bytes]:
         """Yield the little-endian raw bytes in chunks, without holding them all at once."""
-        yield self.to_proto(with_data=True).SerializeToString()
+        yield from proto_storage_bytes(self.to_proto(with_data=True))
 
     def digest(self) -> str:
         """A content hash over dtype, shape and bytes (used by dedup and the canonical printer)."""
@@ -127,13 +147,7 @@ class ProtoTensor(Tensor):
 
     def iter_bytes(self) -> Iterator[bytes]:
         """Yield raw bytes; raw storage is yielded without decoding."""
-        if self._proto.HasField("raw_data"):
-            yield self._proto.raw_data
-        elif self.dtype == onnx.TensorProto.STRING:
-            for s in self._proto.string_data:
-                yield len(s).to_bytes(8, "little") + s
-        else:
-            yield np.ascontiguousarray(self.numpy()).tobytes()
+        yield from proto_storage_bytes(self._proto)
 
     def to_proto(self, *, with_data: bool = True) -> onnx.TensorProto:
         """The original proto, renamed if the tensor was renamed."""
@@ -179,10 +193,7 @@ class ArrayTensor(Tensor):
 
     def iter_bytes(self) -> Iterator[bytes]:
         """Yield the array's bytes."""
-        if self._dtype == onnx.TensorProto.STRING:
-            yield self.to_proto().SerializeToString()
-        else:
-            yield self.to_proto().raw_data
+        yield from proto_storage_bytes(self.to_proto())
 
     def to_proto(self, *, with_data: bool = True) -> onnx.TensorProto:
         """Encode with ``onnx.numpy_helper.from_array`` (raw storage)."""
@@ -226,7 +237,7 @@ class LazyTensor(Tensor):
 
     def iter_bytes(self) -> Iterator[bytes]:
         """Yield the computed bytes."""
-        yield self.to_proto().raw_data
+        yield from proto_storage_bytes(self.to_proto())
 
     def to_proto(self, *, with_data: bool = True) -> onnx.TensorProto:
         """Compute and encode."""
@@ -343,7 +354,7 @@ class ExternalTensor(Tensor):
         proto = onnx.TensorProto()
         proto.CopyFrom(self._proto)
         del proto.external_data[:]
-        proto.data_location = onnx.TensorProto.DEFAULT
+        proto.ClearField("data_location")  # inline, as a proto that never had external data
         proto.name = self.name
         proto.raw_data = b"".join(self.iter_bytes())
         return proto

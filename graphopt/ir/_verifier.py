@@ -71,6 +71,10 @@ def _check_graph(g: Graph, imports: dict[str, int], outer: list[set[Value]], pro
         for i, v in enumerate(node.inputs):
             if v is None:
                 continue
+            if not v.name:
+                # Written out, an empty name means "input omitted": the edge would be lost.
+                problems.append(f"{where}: input {i} of {_describe(node)} is a value with no name "
+                                "(name it, e.g. with Model.unique_name)")
             if (node, i) not in v._uses:
                 problems.append(f"{where}: use list of '{v.name}' misses input {i} of {_describe(node)}")
             if not any(v in s for s in scopes):
@@ -97,9 +101,24 @@ def _check_graph(g: Graph, imports: dict[str, int], outer: list[set[Value]], pro
                                 f"{_describe(user)}, which reads something else")
             elif not user.is_live():
                 problems.append(f"{where}: use list of '{v.name}' names a removed {_describe(user)}")
+            elif not _attached(user):
+                problems.append(f"{where}: use list of '{v.name}' names {_describe(user)} of a "
+                                "subgraph that is no longer in the model (detach_inputs() the "
+                                "nodes of a dropped subgraph)")
     for v in g.outputs:
         if not any(v in s for s in scopes):
             problems.append(f"{where}: graph output '{v.name}' is not defined in the graph")
+
+
+def _attached(node: Node) -> bool:
+    """True when the node's graph is reachable from a model or function through live nodes."""
+    g = node.graph
+    while g is not None and g.parent is not None:
+        parent = g.parent
+        if not parent.is_live() or all(sub is not g for sub in parent.subgraphs()):
+            return False
+        g = parent.graph
+    return g is not None and (g.model is not None or g.function is not None)
 
 
 def _all_used(g: Graph) -> list[Value]:

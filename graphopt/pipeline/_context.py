@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from graphopt.pipeline._instruments import Instrument
     from graphopt.pipeline._registry import PassRegistry
 
-__all__ = ["PassContext", "Limits", "TARGETS"]
+__all__ = ["PassContext", "Limits", "TARGETS", "AnalysisCache"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,39 @@ class Limits:
     max_rewrites: int = 1_000_000
 
 
+class AnalysisCache:
+    """Results of analyses keyed by name, kept until a pass that does not preserve them changes the model.
+
+    Passes reach it as ``ctx.analyses``; the pass manager drops every result a changing pass
+    does not list in its ``preserves``.
+
+    Example:
+        >>> cache = AnalysisCache()
+        >>> cache.get("node-count", lambda: 3)
+        3
+        >>> cache.invalidate()
+        >>> "node-count" in cache
+        False
+    """
+
+    def __init__(self) -> None:
+        self._results: dict[str, Any] = {}
+
+    def get(self, name: str, compute: Callable[[], Any]) -> Any:
+        """The cached result of ``name``, computing it on first use."""
+        if name not in self._results:
+            self._results[name] = compute()
+        return self._results[name]
+
+    def __contains__(self, name: str) -> bool:
+        """True when a result for ``name`` is cached."""
+        return name in self._results
+
+    def invalidate(self, keep: frozenset[str] | set[str] = frozenset()) -> None:
+        """Forget every analysis not in ``keep``."""
+        self._results = {k: v for k, v in self._results.items() if k in keep}
+
+
 @dataclass
 class PassContext:
     """Configuration and shared state of one pipeline run.
@@ -51,6 +84,13 @@ class PassContext:
         bisect_limit: apply at most this many rewrites in the whole run (``None``: no limit).
         registry: where pass names are looked up (built-ins plus plugins by default).
         options: free-form settings for plugin passes, keyed by pass name.
+        rewrites_applied: rewrites granted by :meth:`allow_rewrite` in the current run.
+        bisect_stopped: True once ``bisect_limit`` refused a rewrite or cut the pipeline short.
+        current_pass: name of the pass running now (set by the pass manager).
+        passes_run: names of the passes that completed in the current run, in order (set by the
+            pass manager; during a pass's hooks it does not yet include that pass).
+        last_rewrite: ``"<pass>: <description>"`` of the last rewrite granted (for bisecting).
+        analyses: cached analysis results, invalidated by the pass manager.
 
     Example:
         >>> ctx = PassContext(opt_level=3, target="cpu", disabled={"dedup-initializers"})
@@ -72,6 +112,9 @@ class PassContext:
     bisect_stopped: bool = False
     #: Name of the pass running now (set by the pass manager; used in messages and metadata).
     current_pass: str = ""
+    passes_run: list[str] = field(default_factory=list)
+    last_rewrite: str = ""
+    analyses: AnalysisCache = field(default_factory=AnalysisCache)
 
     def __post_init__(self) -> None:
         from graphopt.errors import PipelineError
@@ -98,9 +141,14 @@ class PassContext:
                 self.bisect_stopped = True
             return False
         self.rewrites_applied += 1
+        self.last_rewrite = f"{self.current_pass}: {description}" if description else self.current_pass
         if self.bisect_limit is not None:
             logger.info("rewrite #%d (%s): %s", self.rewrites_applied, self.current_pass, description)
         return True
+
+    def bisect_limit_reached(self) -> bool:
+        """True once ``bisect_limit`` rewrites were granted: nothing more may change the model."""
+        return self.bisect_limit is not None and self.rewrites_applied >= self.bisect_limit
 
     def rng(self, salt: str = "") -> random.Random:
         """A random generator seeded from ``seed`` and ``salt`` (stable across runs)."""

@@ -12,15 +12,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from graphopt.errors import GraphoptError, PassError, PipelineError
 from graphopt.ir import Model
-from graphopt.pipeline._context import PassContext
+from graphopt.pipeline._context import AnalysisCache, PassContext
 from graphopt.pipeline._parse import FixpointStep, PassStep, Step, format_pipeline, parse_pipeline
 from graphopt.pipeline._pass import Pass, PassResult
 
-__all__ = ["PassManager", "PassRecord", "PipelineReport", "AnalysisCache"]
+__all__ = ["PassManager", "PassRecord", "PipelineReport", "AnalysisCache", "describe_ran_before"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,27 @@ class PassRecord:
 
 @dataclass
 class PipelineReport:
-    """Everything a pipeline run did, pass by pass."""
+    """Everything a pipeline run did, pass by pass.
+
+    Attributes:
+        pipeline: the canonical pipeline string that ran.
+        records: one :class:`PassRecord` per pass execution, in order.
+        warnings: fixed-point caps hit, passes skipped, the bisect limit stopping the run.
+        seconds: wall time of the whole run.
+        rewrites_applied: rewrites the passes applied (granted by ``ctx.allow_rewrite``).
+        bisect_limit: the ``--bisect-limit`` in force, if any.
+        bisect_stopped: True when the bisect limit refused a rewrite or skipped later passes.
+        last_rewrite: ``"<pass>: <description>"`` of the last rewrite applied.
+    """
 
     pipeline: str
     records: list[PassRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    rewrites_applied: int = 0
+    bisect_limit: int | None = None
+    bisect_stopped: bool = False
+    last_rewrite: str = ""
 
     def totals(self) -> dict[str, dict[str, Any]]:
         """Per pass name: runs, times changed, total seconds and summed counters."""
@@ -63,21 +78,19 @@ class PipelineReport:
         return any(r.changed for r in self.records)
 
 
-class AnalysisCache:
-    """Results of analyses keyed by name, dropped when a pass that does not preserve them changes the model."""
+def describe_ran_before(names: list[str], *, last: int = 8) -> str:
+    """``"a, b, c"`` for the passes that ran before a failure (the last ``last`` of them).
 
-    def __init__(self) -> None:
-        self._results: dict[str, Any] = {}
-
-    def get(self, name: str, compute: Callable[[], Any]) -> Any:
-        """The cached result of ``name``, computing it on first use."""
-        if name not in self._results:
-            self._results[name] = compute()
-        return self._results[name]
-
-    def invalidate(self, keep: frozenset[str] = frozenset()) -> None:
-        """Forget every analysis not in ``keep``."""
-        self._results = {k: v for k, v in self._results.items() if k in keep}
+    Example:
+        >>> describe_ran_before(["a", "b"])
+        'a, b'
+        >>> describe_ran_before([])
+        'none'
+    """
+    if not names:
+        return "none"
+    shown = ", ".join(names[-last:])
+    return f"{len(names) - last} earlier, then {shown}" if len(names) > last else shown
 
 
 class PassManager:
@@ -98,9 +111,9 @@ class PassManager:
         else:
             self.steps = list(pipeline)
         self._instances: dict[int, Pass] = {}
-        self.analyses = AnalysisCache()
+        #: The context's analysis cache (``ctx.analyses``), kept here for convenience.
+        self.analyses: AnalysisCache = self.ctx.analyses
         self._properties: set[str] = set()
-        self._ran: list[str] = []
         # Build every pass up front so option errors surface before any work is done.
         self._materialize(self.steps)
 
@@ -114,10 +127,12 @@ class PassManager:
             if isinstance(s, FixpointStep):
                 self._materialize(s.steps)
             elif isinstance(s, PassStep):
-                cls = self.ctx.get_registry().get(s.name)
-                opts = {k.replace("-", "_"): v for k, v in s.options.items()}
-                opts = {**{k.replace("-", "_"): v for k, v in self.ctx.options.get(s.name, {}).items()}, **opts}
-                self._instances[id(s)] = cls(**opts)
+                self._instances[id(s)] = self._build(self.ctx.get_registry().get(s.name), s.options)
+
+    def _build(self, cls: type[Pass], options: dict[str, Any]) -> Pass:
+        """An instance of ``cls`` with ``ctx.options[name]`` overridden by the pipeline's options."""
+        defaults = {k.replace("-", "_"): v for k, v in self.ctx.options.get(cls.name, {}).items()}
+        return cls(**{**defaults, **{k.replace("-", "_"): v for k, v in options.items()}})
 
     def _instance(self, step: PassStep | Pass) -> Pass:
         if isinstance(step, Pass):
@@ -125,23 +140,56 @@ class PassManager:
         return self._instances[id(step)]
 
     def run(self, model: Model) -> PipelineReport:
-        """Run the pipeline on ``model`` in place and report what each pass did."""
-        report = PipelineReport(self.pipeline_text)
+        """Run the pipeline on ``model`` in place and report what each pass did.
+
+        Raises:
+            PassError: a pass raised an unexpected exception, or an instrument (``VerifyEach``)
+                found that a pass broke the model; it names the pass and those that ran before.
+            GraphoptError: a pass rejected the model or its configuration (passed on unchanged).
+        """
+        ctx = self.ctx
+        # A top-level run starts afresh. A pipeline run from inside a pass shares the outer run's
+        # state and instruments, which see its passes but not a second start or end.
+        nested = bool(ctx.current_pass)
+        if not nested:
+            ctx.rewrites_applied = 0
+            ctx.bisect_stopped = False
+            ctx.last_rewrite = ""
+            ctx.passes_run = []
+            ctx.analyses.invalidate()
+        self._properties = set()
+        report = PipelineReport(self.pipeline_text, bisect_limit=ctx.bisect_limit)
         start = time.perf_counter()
-        for inst in self.ctx.instruments:
-            inst.on_pipeline_start(model, self.ctx, report)
+        for inst in ctx.instruments if not nested else ():
+            inst.on_pipeline_start(model, ctx, report)
         try:
             self._run_steps(self.steps, model, report, 0)
         finally:
             report.seconds = time.perf_counter() - start
-            for inst in self.ctx.instruments:
-                inst.on_pipeline_end(model, self.ctx, report)
+            report.rewrites_applied = ctx.rewrites_applied
+            report.bisect_stopped = ctx.bisect_stopped
+            report.last_rewrite = ctx.last_rewrite
+            if ctx.bisect_stopped:
+                msg = (f"bisect limit {ctx.bisect_limit} reached: {ctx.rewrites_applied} rewrite(s) "
+                       f"applied, the last in {ctx.last_rewrite or 'none'}; later rewrites and passes "
+                       "were skipped")
+                logger.info(msg)  # asked for, so not a warning; the report still says it
+                report.warnings.append(msg)
+            for inst in ctx.instruments if not nested else ():
+                inst.on_pipeline_end(model, ctx, report)
         return report
+
+    def _bisect_cut(self) -> bool:
+        """True (and remembered in the context) once the bisect limit forbids further passes."""
+        if self.ctx.bisect_limit_reached():
+            self.ctx.bisect_stopped = True
+            return True
+        return False
 
     def _run_steps(self, steps: list[Any], model: Model, report: PipelineReport, round_: int) -> bool:
         changed = False
         for step in steps:
-            if self.ctx.bisect_stopped:
+            if self._bisect_cut():
                 break
             if isinstance(step, FixpointStep):
                 changed |= self._run_fixpoint(step, model, report)
@@ -152,11 +200,14 @@ class PassManager:
     def _run_fixpoint(self, step: FixpointStep, model: Model, report: PipelineReport) -> bool:
         cap = step.max_iterations or self.ctx.limits.max_fixpoint_iterations
         any_change = False
+        first = len(report.records)
         for round_ in range(1, cap + 1):
             first = len(report.records)
             changed = self._run_steps(step.steps, model, report, round_)
             any_change |= changed
-            if not changed or self.ctx.bisect_stopped:
+            if not changed:
+                return any_change
+            if self._bisect_cut():  # another round would follow, but may not change anything
                 return any_change
         still = sorted({r.name for r in report.records[first:] if r.changed})
         msg = (f"fixpoint group {step} hit its cap of {cap} rounds; still changing: "
@@ -165,51 +216,76 @@ class PassManager:
         report.warnings.append(msg)
         return any_change
 
-    def _ensure_requirements(self, p: Pass, model: Model, report: PipelineReport, round_: int) -> None:
-        missing = [r for r in sorted(p.requires) if r not in self._properties]
-        for prop in missing:
-            provider = next((cls for cls in self.ctx.get_registry().passes() if prop in cls.provides), None)
-            if provider is None:
-                raise PipelineError(f"pass '{p.name}' requires '{prop}', which no registered pass provides")
-            self._run_pass(provider(), model, report, round_)
+    def _ensure_requirements(self, p: Pass, model: Model, report: PipelineReport, round_: int) -> bool:
+        """Run providers of the properties ``p`` requires; False when one cannot be provided."""
+        for prop in sorted(p.requires):
+            if prop in self._properties:
+                continue
+            providers = [cls for cls in self.ctx.get_registry().passes() if prop in cls.provides]
+            if not providers:
+                raise PipelineError(f"pass '{p.name}' requires '{prop}', which no registered pass "
+                                    "provides (load the plugin that provides it)")
+            usable = [cls for cls in providers if not self.ctx.is_disabled(cls.name)]
+            if not usable:
+                msg = (f"skipping pass '{p.name}': it requires '{prop}', and its provider(s) "
+                       f"{', '.join(c.name for c in providers)} are disabled")
+                logger.warning(msg)
+                report.warnings.append(msg)
+                return False
+            self._run_pass(self._build(usable[0], {}), model, report, round_)
+            if prop not in self._properties:
+                if self.ctx.bisect_stopped:
+                    return False
+                raise PipelineError(f"pass '{usable[0].name}' ran but did not provide '{prop}' "
+                                    f"that pass '{p.name}' requires")
+        return True
 
     def _run_pass(self, p: Pass, model: Model, report: PipelineReport, round_: int) -> bool:
-        if self.ctx.is_disabled(p.name):
+        ctx = self.ctx
+        if ctx.is_disabled(p.name):
             logger.debug("skipping disabled pass %s", p.name)
             return False
-        self._ensure_requirements(p, model, report, round_)
-        for inst in self.ctx.instruments:
-            inst.before_pass(p, model, self.ctx)
-        self.ctx.current_pass = p.name
-        t0 = time.perf_counter()
+        if self._bisect_cut() or not self._ensure_requirements(p, model, report, round_):
+            return False
+        before = list(ctx.passes_run)
+        outer_pass = ctx.current_pass
         try:
-            result = p.run(model, self.ctx)
-        except GraphoptError:
+            for inst in ctx.instruments:
+                inst.before_pass(p, model, ctx)
+            ctx.current_pass = p.name
+            t0 = time.perf_counter()
+            try:
+                result = p.run(model, ctx)
+            except GraphoptError:
+                raise
+            except Exception as exc:
+                model.meta.pop("reproducer", None)
+                for inst in ctx.instruments:
+                    inst.on_pass_error(p, model, ctx, exc, list(before))
+                repro = model.meta.get("reproducer")
+                msg = (f"pass '{p.name}' failed: {type(exc).__name__}: {exc} "
+                       f"(passes run before it: {describe_ran_before(before)})")
+                if repro:
+                    msg += f"; reproducer saved to {repro}"
+                raise PassError(msg, pass_name=p.name, ran_before=before, reproducer=repro) from exc
+            finally:
+                ctx.current_pass = outer_pass
+            seconds = time.perf_counter() - t0
+            if not isinstance(result, PassResult):
+                result = PassResult(bool(result))
+            record = PassRecord(p.name, result.changed, dict(result.counters), seconds, round_)
+            report.records.append(record)
+            if result.changed:
+                self._properties &= set(p.preserves)
+                ctx.analyses.invalidate(p.preserves)
+            self._properties |= set(p.provides)
+            for inst in ctx.instruments:
+                inst.after_pass(p, model, ctx, record)
+        except PassError as exc:
+            if not exc.ran_before:  # raised by an instrument or a nested run: add the history
+                exc.ran_before = before
             raise
-        except Exception as exc:
-            for inst in self.ctx.instruments:
-                inst.on_pass_error(p, model, self.ctx, exc, list(self._ran))
-            before = ", ".join(self._ran[-8:]) or "none"
-            repro = model.meta.get("reproducer")
-            msg = (f"pass '{p.name}' failed: {type(exc).__name__}: {exc} "
-                   f"(passes run before it: {before})")
-            if repro:
-                msg += f"; reproducer saved to {repro}"
-            raise PassError(msg, pass_name=p.name, ran_before=list(self._ran), reproducer=repro) from exc
-        finally:
-            self.ctx.current_pass = ""
-        seconds = time.perf_counter() - t0
-        if not isinstance(result, PassResult):
-            result = PassResult(bool(result))
-        self._ran.append(p.name)
-        record = PassRecord(p.name, result.changed, dict(result.counters), seconds, round_)
-        report.records.append(record)
-        if result.changed:
-            self._properties &= set(p.preserves)
-            self.analyses.invalidate(p.preserves)
-        self._properties |= set(p.provides)
-        for inst in self.ctx.instruments:
-            inst.after_pass(p, model, self.ctx, record)
+        ctx.passes_run.append(p.name)
         logger.info("%s: %s in %.1f ms %s", p.name, "changed" if result.changed else "no change",
                     seconds * 1e3, result.counters or "")
         return result.changed

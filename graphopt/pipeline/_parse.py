@@ -21,7 +21,7 @@ from graphopt.errors import PipelineError
 
 __all__ = ["PassStep", "FixpointStep", "Step", "parse_pipeline", "format_pipeline"]
 
-_TOKEN = re.compile(r"\s*([A-Za-z0-9_.\-]+|[<>(),=]|\"[^\"]*\")")
+_TOKEN = re.compile(r"\s*([A-Za-z0-9_.+\-]+|[<>(),=]|\"[^\"]*\")")
 
 
 @dataclass
@@ -52,10 +52,20 @@ class FixpointStep:
 Step = Union[PassStep, FixpointStep]
 
 
+_PLAIN = re.compile(r"^[A-Za-z0-9_.+\-]+$")
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    return str(v)
+    text = str(v)
+    # A string that would not read back as itself (punctuation, or "3" becoming an int) is quoted.
+    if isinstance(v, str) and (not _PLAIN.match(text) or _value(text) != v):
+        if '"' in text:
+            raise PipelineError(f"pipeline: option value {text!r} contains a double quote, "
+                                "which a pipeline string cannot hold")
+        return f'"{text}"'
+    return text
 
 
 def _value(text: str) -> Any:
@@ -108,7 +118,9 @@ def parse_pipeline(text: str, registry: Any = None, *, _depth: int = 0) -> list[
     parser = _Parser(tokens, text, registry, _depth)
     steps = parser.pipeline()
     if parser.i != len(tokens):
-        raise PipelineError(f"pipeline: unexpected '{tokens[parser.i]}' in '{text}'")
+        extra = tokens[parser.i]
+        hint = " (separate passes with ',')" if _PLAIN.match(extra) else ""
+        raise PipelineError(f"pipeline: unexpected '{extra}' in '{text}'{hint}")
     return steps
 
 
@@ -149,8 +161,15 @@ class _Parser:
         self.take("<")
         while True:
             key = self.take()
+            if not _PLAIN.match(key):
+                raise PipelineError(f"pipeline: expected an option name, found '{key}' in '{self.text}' "
+                                    "(options look like pass<key=value,...>)")
             self.take("=")
-            opts[key] = _value(self.take())
+            value = self.take()
+            if value in ("<", ">", "(", ")", ",", "="):
+                raise PipelineError(f"pipeline: option '{key}' has no value in '{self.text}' "
+                                    "(write key=value; quote values with punctuation)")
+            opts[key] = _value(value)
             if self.peek() == ",":
                 self.take(",")
                 continue
@@ -159,7 +178,7 @@ class _Parser:
 
     def item(self) -> list[Step]:
         name = self.take()
-        if not re.match(r"^[A-Za-z0-9_.\-]+$", name):
+        if not _PLAIN.match(name):
             raise PipelineError(f"pipeline: expected a pass name, found '{name}' in '{self.text}'")
         opts = self.options()
         if name == "fixpoint":

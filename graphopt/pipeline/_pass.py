@@ -80,7 +80,8 @@ class Pass:
         super().__init_subclass__(**kwargs)
         if cls.name and not NAME_PATTERN.match(cls.name):
             raise ValueError(f"pass name '{cls.name}' must be kebab-case (e.g. 'fold-constants')")
-        if not cls.description and cls.__doc__:
+        # Only the class's own docstring describes it (not an intermediate base's).
+        if not cls.__dict__.get("description") and cls.__dict__.get("__doc__"):
             cls.description = cls.__doc__.strip().splitlines()[0]
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
@@ -91,7 +92,10 @@ class Pass:
         opts = {k: v for k, v in self.config.items() if self.options.get(k) != v}
         if not opts:
             return self.name
-        return f"{self.name}<" + ",".join(f"{k.replace('_', '-')}={v}" for k, v in opts.items()) + ">"
+        from graphopt.pipeline._parse import PassStep
+
+        # The pipeline syntax, so a pipeline of pass instances prints as a string that parses back.
+        return str(PassStep(self.name, {k.replace("_", "-"): v for k, v in opts.items()}))
 
 
 class FunctionPass(Pass):

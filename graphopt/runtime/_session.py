@@ -66,7 +66,7 @@ def random_inputs(session: Any, *, seed: int = 0, dims: Mapping[str, int] | None
         if dtype is None:
             raise ValueError(f"cannot generate input '{inp.name}' of type {inp.type}")
         if dtype is np.bool_:
-            arr = rng.random(shape) > 0.5
+            arr = np.asarray(rng.random(shape) > 0.5)  # a 0-d comparison gives a numpy scalar
         elif np.issubdtype(dtype, np.floating):
             arr = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.str_:

@@ -1,0 +1,87 @@
+"""Helpers shared by the benchmark scripts: timing, tables, JSON output, RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+__all__ = ["BENCH_DIR", "OUT_DIR", "median_time", "print_table", "write_json", "machine_info",
+           "fmt_seconds", "fmt_bytes"]
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+#: Generated models are cached here (git-ignored).
+OUT_DIR = os.path.join(BENCH_DIR, "out")
+
+
+def median_time(fn: Callable[[], Any], repeat: int = 5, setup: Callable[[], Any] | None = None) -> tuple[float, list[float]]:
+    """Median wall time of ``repeat`` calls of ``fn`` (``setup`` runs untimed before each)."""
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def fmt_seconds(s: float) -> str:
+    """``0.0123`` -> ``"12.3 ms"``; seconds above 1."""
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes in MB/GB."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                notes: Sequence[str] = ()) -> None:
+    """Print a table with rich when it is installed, else as aligned plain text."""
+    cells = [[str(c) for c in row] for row in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(c)) for c in col) for col in zip(columns, *cells)]
+        print(title)
+        print("  ".join(str(c).ljust(w) for c, w in zip(columns, widths)))
+        for row in cells:
+            print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        for note in notes:
+            print(note)
+        return
+    table = Table(title=title)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for row in cells:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for note in notes:
+        console.print(note)
+
+
+def machine_info() -> dict[str, Any]:
+    """Versions and CPU count, stored with every JSON result."""
+    import numpy
+    import onnx
+    import onnxruntime
+
+    return {"python": platform.python_version(), "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__,
+            "cpus": os.cpu_count(), "machine": platform.machine()}
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    """Write ``payload`` (plus machine info) to ``path`` when one is given."""
+    if not path:
+        return
+    payload = {"machine": machine_info(), **payload}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")

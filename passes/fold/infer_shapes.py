@@ -1,0 +1,156 @@
+"""``infer-shapes``: give every value the most precise type that can be proven.
+
+Two stages:
+
+1. onnx shape inference (``strict_mode=False``, ``data_prop=True``) on a *light* copy of the
+   model: initializers over 8 KiB are listed as typed graph inputs instead of carrying their
+   bytes, so inference on a multi-gigabyte model serializes only its structure. Small
+   initializers keep their data, which data propagation reads (``Reshape`` targets,
+   ``ConstantOfShape`` sizes). The copy leaves out intermediate ``value_info`` and declared
+   output shapes, so a stale declaration cannot leak into the results.
+2. graphopt's own rules (``_rules``) where onnx stops: operators onnx has no schema for
+   (onnxruntime contrib ops), everything downstream of them, and ``Reshape``'s ``-1`` over
+   symbolic dims.
+
+A value's type only ever becomes more precise: an unknown element type, rank or dim is filled
+in, a symbolic dim of an intermediate value may become a size; a contradiction keeps what the
+model says. Graph input types never change; graph outputs only gain dims they leave unknown.
+Function bodies are not annotated (their types depend on the call site).
+
+The pass provides ``shapes-inferred``, which ``fold-constants`` requires. With the option
+``write-value-info`` the inferred types of intermediate values are also written to the
+model's ``value_info``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import onnx
+
+from graphopt import ir
+from graphopt.passes.fold._proto import light_model_proto, walk_maps
+from graphopt.passes.fold._rules import infer_node_types, refine_type
+from graphopt.passes.fold._symbolic import SymbolicValues
+from graphopt.pipeline import Pass, PassContext, PassResult
+
+__all__ = ["InferShapes"]
+
+logger = logging.getLogger(__name__)
+
+
+def _type_from_proto(proto: onnx.TypeProto) -> Optional[ir.ValueType]:
+    kind = proto.WhichOneof("value")
+    if kind == "tensor_type":
+        tt = proto.tensor_type
+        return ir.TensorType(tt.elem_type, ir.Shape.from_proto(tt.shape) if tt.HasField("shape") else None)
+    if kind is None:
+        return None
+    return ir.OtherType(proto)
+
+
+def _fully_typed(v: ir.Value) -> bool:
+    t = v.type
+    if isinstance(t, ir.OtherType):
+        return True
+    return (isinstance(t, ir.TensorType) and t.dtype != onnx.TensorProto.UNDEFINED and t.shape is not None
+            and all(d is not None for d in t.shape.dims))
+
+
+class InferShapes(Pass):
+    """Infer element types and shapes (static and symbolic) of every value; provides ``shapes-inferred``.
+
+    Example:
+        >>> from graphopt.pipeline import PassContext
+        >>> InferShapes().run(model, PassContext()).counters  # doctest: +SKIP
+        {'typed-values': 41, 'refined-outputs': 1, 'value-info-added': 0}
+    """
+
+    name = "infer-shapes"
+    opt_level = 2
+    requires = frozenset({"topo-sorted"})
+    provides = frozenset({"shapes-inferred"})
+    preserves = frozenset({"topo-sorted"})
+    options = {"write_value_info": False}
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Copy onnx's inferred types onto the IR, then apply graphopt's rules where it stopped."""
+        state = _Annotator(model, ctx)
+        for value, inferred in _onnx_inference(model):
+            state.refine(value, inferred)
+        for graph in [model.graph, *model.graph.subgraphs()]:
+            sym = SymbolicValues()
+            for node in graph:
+                outputs = [o for o in node.outputs if o.name]
+                if not outputs or all(_fully_typed(o) for o in outputs):
+                    continue
+                for out, inferred in zip(node.outputs, infer_node_types(node, sym)):
+                    if out.name and inferred is not None:
+                        state.refine(out, inferred)
+        added = _write_value_info(model, ctx) if self.config["write_value_info"] else 0
+        counters = {"typed-values": state.typed, "refined-outputs": state.refined_outputs,
+                    "value-info-added": added}
+        if state.typed or added:
+            logger.info("infer-shapes: %s", ", ".join(f"{k} {v}" for k, v in counters.items() if v))
+        return PassResult(bool(state.typed or added), counters)
+
+
+class _Annotator:
+    """Applies type refinements, guarding graph inputs and outputs."""
+
+    def __init__(self, model: ir.Model, ctx: PassContext) -> None:
+        self.ctx = ctx
+        self.typed = 0
+        self.refined_outputs = 0
+        self.outputs = {v for g in model.all_graphs() for v in g.outputs}
+
+    def refine(self, value: ir.Value, inferred: ir.ValueType) -> None:
+        if value.producer is None:
+            return  # graph inputs and initializers: the model's contract and its constants
+        is_output = value in self.outputs
+        if isinstance(inferred, ir.OtherType):
+            better: Optional[ir.ValueType] = inferred if value.type is None else None
+        else:
+            better = refine_type(value.type, inferred, symbols_to_sizes=not is_output)
+        if better is None:
+            return
+        if is_output and not self.ctx.allow_rewrite(f"refine the type of output '{value.name}' to {better}"):
+            return
+        logger.debug("'%s': %s -> %s", value.name, value.type, better)
+        value.type = better
+        self.typed += 1
+        self.refined_outputs += int(is_output)
+
+
+def _onnx_inference(model: ir.Model) -> list[tuple[ir.Value, ir.ValueType]]:
+    """Types onnx shape inference finds for node outputs, on the light copy of ``model``."""
+    proto, pmap = light_model_proto(model)
+    try:
+        result = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
+                                                   data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types; graphopt's rules still run
+        logger.debug("onnx shape inference failed: %s", exc)
+        return []
+    found: list[tuple[ir.Value, ir.ValueType]] = []
+    for graph_map, graph_proto in walk_maps(pmap, result.graph):
+        by_name = {v.name: v for n in graph_map.nodes for v in n.outputs if v.name}
+        for info in list(graph_proto.value_info) + list(graph_proto.output):
+            value = by_name.get(info.name)
+            inferred = _type_from_proto(info.type) if value is not None else None
+            if value is not None and inferred is not None:
+                found.append((value, inferred))
+    return found
+
+
+def _write_value_info(model: ir.Model, ctx: PassContext) -> int:
+    """List typed intermediate values in their graph's ``value_info``; returns how many were added."""
+    added = 0
+    for graph in [model.graph, *model.graph.subgraphs()]:
+        listed = set(graph.value_info) | set(graph.outputs)
+        missing = [v for n in graph for v in n.outputs if v.name and v.type is not None and v not in listed]
+        if not missing or not ctx.allow_rewrite(f"record {len(missing)} value_info entries of graph '{graph.name}'"):
+            continue
+        graph.value_info.extend(missing)
+        added += len(missing)
+    return added
