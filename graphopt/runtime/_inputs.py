@@ -47,22 +47,33 @@ ORT_LEVELS = ("all", "disable")
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 
 
-_SOURCE_LOCATION = re.compile(r"^\S+\.(?:cc|cpp|h):\d+ ")
+_LOAD_PREFIX = re.compile(r"^Load model from .*? failed:\s*")
+_SOURCE_LOCATION = re.compile(r"\S+\.(?:cc|cpp|h):\d+ ")
 
 
 def ort_error_text(exc: BaseException) -> str:
     """The first line of an onnxruntime error, without its ``[ONNXRuntimeError] : N : CODE :``
-    prefix, nor the C++ source location and function signature some messages start with."""
+    prefix, nor the C++ source location and function signature many messages carry.
+
+    Example:
+        >>> ort_error_text(RuntimeError("[ONNXRuntimeError] : 1 : FAIL : model.cc:256 "
+        ...                             "onnxruntime::Model::Model(const Proto&) Unsupported IR"))
+        'Unsupported IR'
+    """
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = _ORT_PREFIX.sub("", text)
-    located = _SOURCE_LOCATION.match(text)
+    text = _LOAD_PREFIX.sub("", _ORT_PREFIX.sub("", text))
+    located = _SOURCE_LOCATION.search(text)
     if located:
+        # The signature ends at the first space outside parentheses once they have opened.
         rest = text[located.end():]
-        depth, start = 0, rest.find("(")
-        for i in range(max(start, 0), len(rest)):
-            depth += {"(": 1, ")": -1}.get(rest[i], 0)
-            if depth == 0 and start >= 0:
-                return rest[i + 1:].strip() or text
+        depth, opened = 0, False
+        for i, ch in enumerate(rest):
+            if ch == "(":
+                depth, opened = depth + 1, True
+            elif ch == ")":
+                depth -= 1
+            elif ch == " " and depth == 0 and opened:
+                return (text[:located.start()] + rest[i + 1:]).strip()
     return text
 
 

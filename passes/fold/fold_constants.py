@@ -375,11 +375,6 @@ class _Folder:
                 for n in nodes:
                     self._skip_unsupported(n, f"'{foreign.name}' is listed as an output of a nested graph")
                 return None
-            if any(v.is_graph_output() for v in boundary) and not _imports_default_domain(graph):
-                for n in nodes:
-                    self._skip_unsupported(n, "a graph output would need an Identity, and the model "
-                                              "does not import the default domain")
-                return None
             if len(nodes) == 1 and nodes[0].op_type == "Identity" and all(v.is_graph_output() for v in boundary):
                 return None  # folding would give back an Identity of a constant
             created = sum(sizes.get(id(v)) or 0 for v in boundary)
@@ -545,6 +540,8 @@ class _Folder:
         return tensors
 
     def _apply(self, graph: ir.Graph, sub: _Subgraph, tensors: list[ir.Tensor]) -> None:
+        if any(v.is_graph_output() for v in sub.boundary):
+            _import_default_domain(graph, self.model)
         for v, tensor in zip(sub.boundary, tensors):
             is_output = v.is_graph_output()
             # A graph output keeps its name on an Identity; other values hand theirs over.
@@ -583,9 +580,19 @@ def _type_problem(v: ir.Value, tensor: ir.Tensor) -> str:
     return ""
 
 
-def _imports_default_domain(graph: ir.Graph) -> bool:
+def _import_default_domain(graph: ir.Graph, model: ir.Model) -> None:
+    """Import the default domain (for the ``Identity`` that keeps an output's name) if missing.
+
+    Models of only ``ai.onnx.ml`` operators may not import it; the version chosen is the newest
+    the model's IR version allows (``Identity`` is the same in every version).
+    """
     imports = graph.opset_imports()
-    return "" in imports or "ai.onnx" in imports
+    if "" in imports or "ai.onnx" in imports:
+        return
+    versions = [row[2] for row in onnx.helper.VERSION_TABLE if row[1] <= max(model.ir_version, 3)]
+    version = min(max(versions, default=1), onnx.defs.onnx_opset_version())
+    imports[""] = version
+    logger.debug("imported the default domain (opset %d) for an Identity of a folded output", version)
 
 
 def _connected(nodes: list[ir.Node]) -> list[list[ir.Node]]:

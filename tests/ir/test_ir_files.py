@@ -424,7 +424,7 @@ def test_external_scalar_empty_and_subgraph_tensors(tmp_path) -> None:
     <ir_version: 8, opset_import: ["" : 17]>
     main (bool c, float[2] x) => (float[2] y) <float s = {3.5}, float[0,3] e = {}> {
         y = If (c) <
-            then_branch = then_g () => (float[2] a) { r = ReduceSum (w, zero) a = Add (r, x) },
+            then_branch = then_g () => (float[2] a) { r = ReduceSum <keepdims = 0> (w, zero) a = Add (r, x) },
             else_branch = else_g () => (float[2] b) { b = Mul (x, s) }
         >
     }
