@@ -6,14 +6,17 @@ default registry loads; ``PIPELINES`` holds the ``O0``-``O3`` presets and named 
 
 Example:
     >>> from graphopt.passes import PASSES
-    >>> sorted(p.name for p in PASSES)[:2]
-    ['dedup-initializers', 'eliminate-dead-code']
+    >>> "eliminate-dead-code" in {p.name for p in PASSES}
+    True
 """
 
 from __future__ import annotations
 
 from graphopt.passes.cleanup import DedupInitializers, EliminateDeadCode, EliminateIdentity, TopoSort
+from graphopt.passes.cleanup.dedup_transposed import DedupTransposedInitializers
+from graphopt.passes.contrib import CONTRIB_PASSES
 from graphopt.passes.fold import FoldConstants, InferShapes
+from graphopt.passes.fusion import FUSION_PASSES
 from graphopt.passes.pipelines import PIPELINES
 from graphopt.passes.simplify import (EliminateCommonSubexpressions, EliminateNoOps, InlineConstantIf,
                                       MergeChains)
@@ -25,6 +28,7 @@ PASSES: list[type[Pass]] = [
     EliminateIdentity,
     EliminateDeadCode,
     DedupInitializers,
+    DedupTransposedInitializers,
     # fold
     InferShapes,
     FoldConstants,
@@ -33,6 +37,10 @@ PASSES: list[type[Pass]] = [
     EliminateNoOps,
     MergeChains,
     EliminateCommonSubexpressions,
+    # fusion (standard ONNX ops)
+    *FUSION_PASSES,
+    # fusion (onnxruntime contrib ops, where the target has the kernels)
+    *CONTRIB_PASSES,
 ]
 
 __all__ = ["PASSES", "PIPELINES"]

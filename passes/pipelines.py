@@ -17,14 +17,20 @@ __all__ = ["PIPELINES"]
 CLEANUP = "eliminate-identity,eliminate-dead-code,dedup-initializers"
 
 #: Passes that feed each other (one's removal exposes the other's work): run to a fixed point.
-SIMPLIFY = "eliminate-identity,fold-constants,eliminate-dead-code"
+SIMPLIFY = ("eliminate-identity,inline-constant-if,eliminate-no-ops,merge-chains,fold-constants,"
+            "eliminate-common-subexpressions,eliminate-dead-code")
+
+#: Fusions into standard ONNX ops (any runtime), folds into a producer first.
+FUSIONS = ("fuse-bn-into-conv,fuse-bn-into-gemm,fuse-mul-add-into-conv,fuse-pad,fuse-matmul-add-into-gemm,"
+           "fuse-layer-norm,fuse-rms-norm,fuse-gelu,decompose-batch-norm,fuse-affine-chain")
 
 PIPELINES: dict[str, str] = {
     "cleanup": CLEANUP,
     "simplify": SIMPLIFY,
+    "fusions": FUSIONS,
     # O0 changes nothing a model computes; it only puts nodes in a valid order.
     "O0": "topo-sort",
     "O1": "topo-sort,cleanup",
-    "O2": "topo-sort,infer-shapes,fixpoint<max=8>(simplify),dedup-initializers,eliminate-dead-code",
-    "O3": "topo-sort,infer-shapes,fixpoint<max=8>(simplify),dedup-initializers,eliminate-dead-code",
+    "O2": "topo-sort,infer-shapes,fixpoint<max=8>(simplify,fusions),dedup-initializers,eliminate-dead-code",
+    "O3": "topo-sort,infer-shapes,fixpoint<max=8>(simplify,fusions),dedup-initializers,eliminate-dead-code",
 }

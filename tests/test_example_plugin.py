@@ -14,7 +14,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +26,11 @@ from graphopt import ir
 from graphopt.pipeline import ENTRY_POINT_GROUP, PassContext, PassManager, PassRegistry
 from graphopt.runtime import compare_outputs, make_session, random_inputs, run_model
 from graphopt.testing import assert_golden, collect_cases
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "examples" / "graphopt-example-plugin"
 PLUGIN_MODULE = "graphopt_example_plugin"

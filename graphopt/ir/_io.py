@@ -8,6 +8,7 @@ leaves no partial output behind.
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from typing import BinaryIO, Callable, Union
@@ -87,10 +88,17 @@ def _read(f: BinaryIO, progress: Callable[[int, int], None] | None) -> bytes:
 def _from_proto(proto: onnx.ModelProto, base_dir: str | None, what: str) -> Model:
     # proto2 strings are not checked when parsed: invalid UTF-8 comes back as bytes, or raises
     # when read. Either way the file is corrupt; say so now rather than fail in a pass or at save.
+    # Building the IR allocates many objects and frees none: the cyclic collector's passes would
+    # only rescan them (about half of the load time on graphs of thousands of nodes).
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         model = model_from_proto(proto, base_dir)
     except UnicodeDecodeError:
         model = None
+    finally:
+        if collecting:
+            gc.enable()
     if model is None or _has_undecodable_names(model):
         raise ModelLoadError(f"{what} has a name or string field that is not valid UTF-8; "
                              "the file is corrupt") from None
@@ -114,6 +122,26 @@ def _has_undecodable_names(model: Model) -> bool:
     return any(isinstance(f, bytes) for f in fields)
 
 
+# Signatures of files often mistaken for ONNX models: (offset, magic bytes, what the file is).
+_OTHER_FORMATS = (
+    (0, b"\x89PNG\r\n\x1a\n", "a PNG image"), (0, b"\xff\xd8\xff", "a JPEG image"),
+    (0, b"PK\x03\x04", "a zip archive (a PyTorch checkpoint or a zipped model?)"),
+    (0, b"\x93NUMPY", "a numpy .npy file"), (0, b"\x1f\x8b", "a gzip file (decompress it first)"),
+    (4, b"ORTM", "an onnxruntime .ort model (graphopt reads .onnx)"),
+    (4, b"TFL3", "a TensorFlow Lite model"), (0, b"\x80\x02", "a Python pickle"),
+    (0, b"GGUF", "a GGUF model"), (0, b"{", "a JSON or text file"), (0, b"<", "an XML or HTML file"),
+)
+
+
+def _sniff(data: bytes) -> str | None:
+    for offset, magic, kind in _OTHER_FORMATS:
+        if data[offset:offset + len(magic)] == magic:
+            return kind
+    if len(data) >= 8 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data):
+        return "a safetensors file"
+    return None
+
+
 def _parse(data: bytes, what: str) -> onnx.ModelProto:
     if not data:
         raise ModelLoadError(f"{what} is empty, not an ONNX model")
@@ -126,9 +154,18 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
                 f"{what} nests subgraphs deeper than protobuf reads (100 message levels, about 30 "
                 "nested If/Loop bodies); onnx and onnxruntime cannot load it either: flatten "
                 "the nested control flow") from None
+        kind = _sniff(data)
+        if kind is not None:
+            raise ModelLoadError(f"{what} is {kind}, not an ONNX model") from None
         raise ModelLoadError(f"{what} is not a valid ONNX model (protobuf parse failed: {exc}); "
                              "the file may be truncated or of another format") from None
-    _check_looks_like_onnx(proto, what)
+    try:
+        _check_looks_like_onnx(proto, what)
+    except ModelLoadError:
+        kind = _sniff(data)
+        if kind is not None:
+            raise ModelLoadError(f"{what} is {kind}, not an ONNX model") from None
+        raise
     return proto
 
 
@@ -155,9 +192,12 @@ def to_proto(model: Model) -> onnx.ModelProto:
     return _build_proto(model)
 
 
-def _build_proto(model: Model, writer: Callable[[Tensor], onnx.TensorProto] | None = None) -> onnx.ModelProto:
+def _build_proto(model: Model, writer: Callable[[Tensor], onnx.TensorProto] | None = None, *,
+                 main_initializers: bool = True) -> onnx.ModelProto:
     try:
-        return model_to_proto(model, writer) if writer is not None else model_to_proto(model)
+        if writer is not None:
+            return model_to_proto(model, writer, main_initializers=main_initializers)
+        return model_to_proto(model, main_initializers=main_initializers)
     except UnicodeDecodeError:
         raise EmitError("the model has a name or string field that is not valid UTF-8 (was the "
                         "input corrupt?); fix the name and save again") from None
@@ -228,8 +268,7 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             if total > _PROTOBUF_LIMIT:
                 raise EmitError(f"the model holds {total / 1e9:.1f} GB of tensors; protobuf cannot "
                                 "store over 2 GB in one file: save with external_data=True")
-            proto = _build_proto(model)
-            _write_proto(proto, path, out_dir, cleanup)
+            _write_inline(model, path, out_dir, cleanup)
             if progress is not None:
                 progress(total, total)
     except OSError as exc:
@@ -246,6 +285,62 @@ def _temp_in(folder: str, name: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(name)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     return tmp
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field_key(message: type, field: str) -> bytes:
+    """The wire key of a length-delimited field: ``(number << 3) | 2``."""
+    return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+
+
+_GRAPH_KEY = _field_key(onnx.ModelProto, "graph")
+_INITIALIZER_KEY = _field_key(onnx.GraphProto, "initializer")
+
+
+def _write_inline(model: Model, path: str, out_dir: str, cleanup: list[str]) -> None:
+    """Write ``model`` with every tensor inline, serializing one main-graph initializer at a time.
+
+    ``SerializeToString`` on a whole model grows one buffer to the model's size (copying as it
+    doubles) and then copies it into a bytes object, after ``to_proto`` has already copied every
+    tensor into the new message. Here the model is serialized without the main graph's
+    initializers, and each initializer's own proto (the one read from the file, when unchanged)
+    is serialized on its own and framed as a ``GraphProto.initializer`` field inside the graph
+    record. Fields come in another order on the wire than ``SerializeToString`` puts them; the
+    file parses to the same ``ModelProto``.
+    """
+    proto = _build_proto(model, main_initializers=False)
+    graph_bytes = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    head = proto.SerializeToString()
+    pieces: list[bytes] = []
+    for v in model.graph.initializers.values():
+        tensor = v.const_value
+        if isinstance(tensor, Tensor):
+            tensor.name = v.name
+            pieces.append(tensor.to_proto(with_data=True).SerializeToString())
+    frames = [_INITIALIZER_KEY + _varint(len(p)) for p in pieces]
+    graph_size = len(graph_bytes) + sum(len(f) + len(p) for f, p in zip(frames, pieces))
+    tmp = _temp_in(out_dir, path)
+    cleanup.append(tmp)
+    with open(tmp, "wb") as f:
+        f.write(head)
+        f.write(_GRAPH_KEY + _varint(graph_size))
+        f.write(graph_bytes)
+        for frame, piece in zip(frames, pieces):
+            f.write(frame)
+            f.write(piece)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    cleanup.remove(tmp)
 
 
 def _write_proto(proto: onnx.ModelProto, path: str, out_dir: str, cleanup: list[str]) -> None:

@@ -131,7 +131,14 @@ def _fmt_tensor(t: Tensor | SparseTensor, max_elements: int) -> str:
         digest = t.digest() if isinstance(t, Tensor) else "sparse"
         return f"{head} <{digest}>"
     arr = np.asarray(t.numpy()).reshape(-1)
+    if t.dtype in _FLOAT8 and arr.dtype.itemsize == 1:
+        arr = arr.view(np.uint8)  # onnx's text syntax writes float8 elements as their bit patterns
     return head + " {" + ",".join(_fmt_scalar(x, t.dtype) for x in arr) + "}"
+
+
+_FLOAT8 = frozenset(getattr(onnx.TensorProto, n) for n in (
+    "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0")
+    if hasattr(onnx.TensorProto, n))
 
 
 def _fmt_type(t) -> str:

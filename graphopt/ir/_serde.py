@@ -255,17 +255,19 @@ def _inline(tensor: Tensor) -> onnx.TensorProto:
 
 
 def graph_to_proto(g: Graph, write_tensor: TensorWriter = _inline,
-                   proto: onnx.GraphProto | None = None) -> onnx.GraphProto:
+                   proto: onnx.GraphProto | None = None, *, initializers: bool = True) -> onnx.GraphProto:
     """Write a graph (and its subgraphs); ``write_tensor`` decides how initializers are stored.
 
     With ``proto`` given, the graph is written into it (saves a copy of large initializers).
+    With ``initializers=False`` this graph's (dense) initializers are left out, for a writer
+    that streams them itself; those of subgraphs are always written.
     """
     if proto is None:
         proto = onnx.GraphProto()
     for node in g:
-        proto.node.append(_node_to_proto(node, write_tensor))
+        _node_to_proto(node, write_tensor, proto.node.add())
     _set_fields(proto, g, _GRAPH_DEFAULTS, g._explicit)
-    for name, v in g.initializers.items():
+    for name, v in (g.initializers.items() if initializers else ()):
         t = v.const_value
         if isinstance(t, Tensor):
             t.name = v.name
@@ -288,8 +290,10 @@ def graph_to_proto(g: Graph, write_tensor: TensorWriter = _inline,
     return proto
 
 
-def _node_to_proto(node: Node, write_tensor: TensorWriter) -> onnx.NodeProto:
-    p = onnx.NodeProto()
+def _node_to_proto(node: Node, write_tensor: TensorWriter, p: onnx.NodeProto | None = None) -> onnx.NodeProto:
+    # Filling ``graph.node.add()`` in place saves copying each NodeProto into the graph.
+    if p is None:
+        p = onnx.NodeProto()
     p.input.extend([v.name if v is not None else "" for v in node.inputs])
     p.output.extend([v.name for v in node.outputs])
     _set_fields(p, node, _NODE_DEFAULTS, node._explicit)
@@ -315,7 +319,7 @@ def _function_to_proto(fn: Function) -> onnx.FunctionProto:
     for a in fn.attribute_defaults:
         p.attribute_proto.append(a.to_proto(graph_to_proto))
     for node in fn.graph:
-        p.node.append(_node_to_proto(node, _inline))
+        _node_to_proto(node, _inline, p.node.add())
     for domain, version in fn.opset_imports.items():
         p.opset_import.add(domain=domain, version=version)
     for v in fn.graph.value_info:
@@ -328,8 +332,12 @@ def _function_to_proto(fn: Function) -> onnx.FunctionProto:
     return p
 
 
-def model_to_proto(model: Model, write_tensor: TensorWriter = _inline) -> onnx.ModelProto:
-    """Write the whole model. With the default writer all tensors are stored inline."""
+def model_to_proto(model: Model, write_tensor: TensorWriter = _inline, *,
+                   main_initializers: bool = True) -> onnx.ModelProto:
+    """Write the whole model. With the default writer all tensors are stored inline.
+
+    ``main_initializers=False`` leaves the main graph's initializers out (see ``graph_to_proto``).
+    """
     p = onnx.ModelProto()
     p.ir_version = model.ir_version
     loaded = model.meta.get("_opset_protos")
@@ -339,7 +347,7 @@ def model_to_proto(model: Model, write_tensor: TensorWriter = _inline) -> onnx.M
         for domain, version in model.opset_imports.items():
             p.opset_import.add(domain=domain, version=version)
     _set_fields(p, model, _MODEL_DEFAULTS, model._explicit)
-    graph_to_proto(model.graph, write_tensor, p.graph)
+    graph_to_proto(model.graph, write_tensor, p.graph, initializers=main_initializers)
     for k, val in model.metadata_props.items():
         p.metadata_props.add(key=k, value=val)
     if model.training_info:

@@ -1,32 +1,6 @@
-"""Golden-graph test cases: ``fixtures/<pass>/<case>.onnxtest`` files, loaded, run and checked.
+"""Golden-graph cases: parsing ``.onnxtest`` files, running them, checking and updating them.
 
-A case file is ONNX text syntax (``onnx.parser`` reads ``#`` comments) with header lines::
-
-    # PIPELINE: eliminate-identity
-    # TOLERANCE: rtol=1e-5 atol=1e-6        (optional; default rtol=1e-4 atol=1e-5)
-    # DESCRIPTION: an Identity between two nodes goes
-    # SEED: 0                               (optional: seed of the generated inputs)
-    # DIMS: N=3 T=5                         (optional: values of symbolic dims in the inputs)
-    # INPUT
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N,4] x) => (float[N,4] y) { t = Identity(x)  y = Relu(t) }
-    # EXPECTED
-    <canonical text of the optimized model>
-
-``# EXPECT-UNCHANGED`` in the header replaces the expected section: the pipeline must leave the
-model canonically equal to the input (a "must not fire" case). ``# NUMERIC: skip <reason>``
-turns the numeric check off for a model onnxruntime cannot run; the reason is required.
-
-Checks, all of which must pass:
-
-* structural: the output printed by ``ir.print_model(canonical=True)`` equals the expected
-  section canonicalized the same way (parsed with ``onnx.parser`` and printed; a section that
-  does not parse, e.g. one with tensor digests, is compared as canonical text with whitespace
-  normalized);
-* numeric: input and output run in onnxruntime with its optimizations off on seeded inputs and
-  agree within the case's tolerance;
-* the output passes ``ir.verify`` and ``onnx.checker.check_model``, and keeps the input's
-  signature (graph input and output names and types).
+The file format and the checks are described in :mod:`graphopt.testing`.
 """
 
 from __future__ import annotations
@@ -128,8 +102,14 @@ class GoldenResult:
     problems: list[str]
     report: PipelineReport
     updated: bool = False
-    #: The expected section did not parse and was compared as whitespace-normalized text.
-    compared_as_text: bool = False
+    #: Why the expected section did not parse ("" when it did); it was then compared as
+    #: whitespace-normalized canonical text.
+    expected_parse_error: str = ""
+
+    @property
+    def compared_as_text(self) -> bool:
+        """True when the expected section was compared as text because it did not parse."""
+        return bool(self.expected_parse_error)
 
     @property
     def ok(self) -> bool:
@@ -151,6 +131,9 @@ class GoldenResult:
         parts = [f"golden case {self.case.name} failed (pipeline: {self.case.pipeline})"]
         if not (self.structural_ok or self.updated):
             what = "input (EXPECT-UNCHANGED)" if self.case.expect_unchanged else "expected section"
+            if self.compared_as_text:
+                parts.append("the expected section does not parse as ONNX text, so it was compared "
+                             f"as canonical text ({self.expected_parse_error})")
             parts.append(f"output differs from the {what}; if the change is intended, rerun "
                          f"with --update-goldens and review the diff:\n{self.diff()}")
         if self.comparison is not None and not self.comparison.ok:
@@ -344,7 +327,7 @@ def run_case(case: GoldenCase | str | os.PathLike[str], registry: PassRegistry |
 
     actual = ir.print_model(model, canonical=True)
     problems: list[str] = []
-    structural_ok, expected, updated, as_text = _check_structure(case, actual, update)
+    structural_ok, expected, updated, parse_error = _check_structure(case, actual, update)
     problems.extend(f"ir.verify: {p}" for p in ir.find_problems(model))
     output = ir.to_proto(model)
     try:
@@ -356,38 +339,38 @@ def run_case(case: GoldenCase | str | os.PathLike[str], registry: PassRegistry |
     if not case.numeric_skip:
         comparison = _compare_numerically(case, source, output, problems)
     return GoldenResult(case, actual, expected, structural_ok, comparison, problems, report, updated,
-                        as_text)
+                        parse_error)
 
 
-def _check_structure(case: GoldenCase, actual: str, update: bool) -> tuple[bool, str, bool, bool]:
-    """``(matched, canonical expected text, file updated, compared as normalized text)``."""
-    as_text = False
+def _check_structure(case: GoldenCase, actual: str, update: bool) -> tuple[bool, str, bool, str]:
+    """``(matched, canonical expected text, file updated, why the expected text did not parse)``."""
+    parse_error = ""
     if case.expect_unchanged:
         expected = canonicalize(case.input_text)
-        return expected == actual, expected, False, as_text
+        return expected == actual, expected, False, parse_error
     if case.expected_text is None or not case.expected_text.strip():
         matched = False
         expected = ""
     else:
         try:
             proto = onnx.parser.parse_model(case.expected_text)
-        except Exception:
+        except Exception as exc:  # onnx.parser's ParseError: digests and the like do not parse
             expected = _normalize_whitespace(case.expected_text)
             matched = expected == _normalize_whitespace(actual)
-            as_text = True
+            parse_error = " ".join(str(exc).replace("\\n", " ").split())[:300]
         else:
             expected = ir.print_model(ir.load(proto), canonical=True)
             matched = expected == actual
     if matched or not update:
         if not matched and not expected:
             logger.warning("%s has no expected section; run with --update-goldens", case.name)
-        return matched, expected, False, as_text
+        return matched, expected, False, parse_error
     if case.path is None:
         raise GoldenCaseError("cannot update a golden case that was not read from a file")
     _write_expected(case.path, actual)
     case.expected_text = actual
     logger.info("updated the expected section of %s", case.path)
-    return False, expected, True, as_text
+    return False, expected, True, parse_error
 
 
 def _write_expected(path: Path, actual: str) -> None:
@@ -428,7 +411,7 @@ def _compare_numerically(case: GoldenCase, source: onnx.ModelProto, output: onnx
         session = make_session(source)
         feeds = random_inputs(session, seed=case.seed, dims=case.dims)
         names = [o.name for o in session.get_outputs()]
-        expected = dict(zip(names, session.run(names, feeds)))
+        expected = dict(zip(names, session.run(names, feeds), strict=True))
     except Exception as exc:  # onnxruntime's errors have no common base class
         problems.append(f"onnxruntime cannot run the INPUT model ({type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:300]}); fix the case or add "

@@ -207,8 +207,8 @@ def _remove_unused_opsets(model: ir.Model, ctx: PassContext) -> int:
 def _prune_imports(imports: dict[str, int], used: set[str], ctx: PassContext, where: str) -> int:
     removed = 0
     for domain in list(imports):
-        if is_default_domain(domain) or domain in used:
-            continue
+        if is_default_domain(domain) or domain in used or len(imports) == 1:
+            continue  # the last import stays: ONNX requires at least one (e.g. all nodes folded)
         if not ctx.allow_rewrite(f"remove unused opset import '{domain}' of the {where}"):
             break
         del imports[domain]

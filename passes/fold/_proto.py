@@ -18,7 +18,8 @@ import onnx
 
 from graphopt import ir
 
-__all__ = ["ProtoMap", "node_to_proto", "light_model_proto", "value_info", "tensor_proto_of"]
+__all__ = ["ProtoMap", "node_to_proto", "light_model_proto", "value_info", "tensor_proto_of",
+           "subgraph_proto"]
 
 #: Initializers (and ``Constant`` values) up to this many bytes keep their data in light protos.
 LIGHT_DATA_BYTES = 8192
@@ -83,7 +84,8 @@ def _is_light(tensor: ir.Tensor | ir.SparseTensor | None, keep_bytes: int) -> bo
     return isinstance(tensor, ir.Tensor) and tensor.nbytes <= keep_bytes
 
 
-def _light_graph(graph: ir.Graph, keep_bytes: int, is_main: bool) -> tuple[onnx.GraphProto, ProtoMap]:
+def _light_graph(graph: ir.Graph, keep_bytes: int, is_main: bool,
+                 typed_outputs: bool = False) -> tuple[onnx.GraphProto, ProtoMap]:
     proto = onnx.GraphProto()
     proto.name = graph.name or "graph"
     pmap = ProtoMap(graph)
@@ -107,7 +109,7 @@ def _light_graph(graph: ir.Graph, keep_bytes: int, is_main: bool) -> tuple[onnx.
 
         def write(sub: ir.Graph, _index: int = index, _node: ir.Node = node,
                   _maps: dict = subgraph_maps) -> onnx.GraphProto:
-            sub_proto, sub_map = _light_graph(sub, keep_bytes, False)
+            sub_proto, sub_map = _light_graph(sub, keep_bytes, False, typed_outputs)
             name = next(a.name for a in _node.attributes.values() if any(g is sub for g in a.graphs()))
             k = sum(1 for key in _maps if key[1] == name)
             _maps[(_index, name, k)] = sub_map
@@ -117,9 +119,14 @@ def _light_graph(graph: ir.Graph, keep_bytes: int, is_main: bool) -> tuple[onnx.
         pmap.nodes.append(node)
         pmap.subgraphs.update(subgraph_maps)
     for v in graph.outputs:
-        # Declared output types are left out: a stale declaration would leak into inference.
-        proto.output.append(value_info(v.name, None))
+        # Declared output types are left out for inference: a stale one would leak into it.
+        proto.output.append(value_info(v.name, v.type if typed_outputs else None))
     return proto, pmap
+
+
+def subgraph_proto(graph: ir.Graph) -> onnx.GraphProto:
+    """A complete ``GraphProto`` of a subgraph (all data inline, declared types kept), to run it."""
+    return _light_graph(graph, 1 << 62, False, True)[0]
 
 
 def _big_constant_value(node: ir.Node, keep_bytes: int) -> ir.Tensor | None:

@@ -20,7 +20,13 @@ import onnx
 from graphopt import ir
 from graphopt.passes.fold._symbolic import SymbolicValues
 
-__all__ = ["infer_node_types", "broadcast_shapes", "refine_type"]
+__all__ = ["infer_node_types", "broadcast_shapes", "refine_type", "contradicts",
+           "INFERRED_TYPE", "TYPE_CONFLICT"]
+
+#: ``Value.meta`` key: the type inference found for a graph output (whose declared type stays).
+INFERRED_TYPE = "inferred_type"
+#: ``Value.meta`` key: set when inference contradicts the value's declared type.
+TYPE_CONFLICT = "type_conflict"
 
 T = onnx.TensorProto
 Types = list[Optional[ir.TensorType]]
@@ -418,3 +424,22 @@ def refine_type(old: ir.ValueType | None, new: ir.ValueType | None, *,
     if tuple(dims) == old.shape.dims and dtype == old.dtype:
         return None
     return ir.TensorType(dtype, dims)
+
+
+def contradicts(old: ir.ValueType | None, new: ir.ValueType | None) -> bool:
+    """True when two tensor types cannot both be right (element type, rank or a size differs).
+
+    Example:
+        >>> contradicts(ir.TensorType(1, [5]), ir.TensorType(1, [3]))
+        True
+    """
+    if not isinstance(old, ir.TensorType) or not isinstance(new, ir.TensorType):
+        return False
+    if T.UNDEFINED not in (old.dtype, new.dtype) and old.dtype != new.dtype:
+        return True
+    if old.shape is None or new.shape is None:
+        return False
+    if old.shape.rank != new.shape.rank:
+        return True
+    return any(isinstance(a, int) and isinstance(b, int) and a != b
+               for a, b in zip(old.shape.dims, new.shape.dims))

@@ -152,6 +152,23 @@ class SymbolicValues:
             return None
         return SymValue((shape.numel(),), scalar=True)
 
+    def _op_Constant(self, node: ir.Node) -> Optional[SymValue]:
+        if len(node.attributes) != 1:
+            return None
+        attr = next(iter(node.attributes.values()))
+        if attr.ref_attr_name:
+            return None
+        if attr.name == "value_int":
+            return SymValue((int(attr.value),), scalar=True)
+        if attr.name == "value_ints" and len(attr.value) <= MAX_ELEMENTS:
+            return SymValue(tuple(int(x) for x in attr.value))
+        tensor = attr.value if attr.name == "value" else None
+        if (not isinstance(tensor, ir.Tensor) or tensor.dtype not in _INT_TYPES
+                or tensor.size > MAX_ELEMENTS or len(tensor.shape) > 1):
+            return None
+        ints = [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
+        return SymValue(tuple(ints), scalar=len(tensor.shape) == 0)
+
     # -- element selection and assembly ----------------------------------------------------------
     def _op_Identity(self, node: ir.Node) -> Optional[SymValue]:
         return self.get(node.inputs[0])

@@ -20,21 +20,23 @@ How a graph is folded, round after round until nothing changes:
    bounded, is not evaluated, nor is anything that depends on it.
 3. Growth rule: folding must not grow the model. For each subgraph, *growth* is the bytes of
    the new initializers minus the bytes that folding frees (initializers read only by the
-   subgraph, and the tensors of its ``Constant`` nodes). While growth exceeds
-   ``max-growth-bytes`` (1 MiB by default), the largest new initializer produced by an
-   expanding node (one whose output is larger than its inputs) is given up, with everything
-   computed from it; if no expanding node is left, the subgraph is not folded. So
-   ``ConstantOfShape`` weights stay compact, ``ReduceSum(ConstantOfShape(...))`` still folds, and
-   a transposed copy of a weight that is also used as it is (a tied embedding) is not stored
-   twice.
+   removed nodes, and the tensors of removed ``Constant`` nodes). While growth exceeds
+   ``max-growth-bytes`` (1 MiB by default), the node producing the largest new initializer
+   stays in the graph and is computed at run time, nodes that expand their inputs first
+   (``ConstantOfShape``, ``Expand``, ``Tile``: output larger than their inputs); its value is
+   still used to evaluate what depends on it. So ``ConstantOfShape`` weights stay compact while
+   ``ReduceSum(ConstantOfShape(...))`` folds, and a transposed copy of a weight that is also used
+   as it is (a tied embedding) is not stored twice.
 4. Results are checked: the element type must be the value's declared type (float8, int4,
    bfloat16 and strings round-trip exactly; onnxruntime's raw float8 bits are reinterpreted,
    never stored as ``uint8``) and the shape must match the value's static dims.
-5. Each value used outside the subgraph becomes a new initializer of the graph that holds the
-   subgraph (a body initializer inside ``If``/``Loop``/``Scan``); a graph output keeps its name
-   and declared type through an ``Identity`` of the initializer. Models older than IR version
-   4 (where every initializer must be a graph input) are raised to IR version 4 so new
-   initializers are not overridable inputs.
+5. Each value used outside the subgraph becomes a new initializer, named like the value, of the
+   graph that holds the subgraph (a body initializer inside ``If``/``Loop``/``Scan``). A folded
+   graph output is listed as an output under its own name with its declared type, the
+   initializer itself being the output: onnx's checker and onnxruntime accept initializers as
+   outputs of the main graph and of subgraphs, and no ``Identity`` is left behind. Models
+   older than IR version 4 (where every initializer must be a graph input) are raised to IR
+   version 4 so new initializers are not overridable inputs.
 
 What never folds is listed in ``_policy``. Function bodies are not folded (a ``FunctionProto``
 has no initializers, and constants there may depend on the caller's attributes), and shape
@@ -53,8 +55,9 @@ import onnx
 
 from graphopt import ir
 from graphopt.passes.fold._evaluate import Evaluated, EvaluationFailed, evaluate
-from graphopt.passes.fold._policy import why_not_foldable
-from graphopt.passes.fold._proto import node_to_proto, tensor_proto_of, value_info
+from graphopt.passes.fold._policy import captured_values, why_not_foldable
+from graphopt.passes.fold._proto import node_to_proto, subgraph_proto, tensor_proto_of, value_info
+from graphopt.passes.fold._rules import INFERRED_TYPE, TYPE_CONFLICT
 from graphopt.passes.fold._sizes import VALUE_SIZED_OPS, semantic_bytes, type_bytes
 from graphopt.passes.fold._symbolic import SymbolicValues
 from graphopt.pipeline import Pass, PassContext, PassResult
@@ -85,15 +88,23 @@ class _Known:
 
 @dataclass
 class _Subgraph:
-    """Nodes to fold together (in graph order) and the values they hand to the rest."""
+    """A constant subgraph to fold.
+
+    Attributes:
+        nodes: the nodes to evaluate (graph order).
+        removed: the nodes folding removes (the rest of ``nodes`` stay: their outputs are
+            needed at run time and would grow the model if stored).
+        boundary: the values that become initializers (read by nodes that stay, or outputs).
+    """
 
     nodes: list[ir.Node]
+    removed: list[ir.Node]
     boundary: list[ir.Value] = field(default_factory=list)
 
     def describe(self) -> str:
-        ops = sorted({n.op_type for n in self.nodes})
+        ops = sorted({n.op_type for n in self.removed})
         shown = ", ".join(ops[:4]) + (", ..." if len(ops) > 4 else "")
-        return f"{len(self.nodes)} node(s) ({shown}) into {len(self.boundary)} constant(s)"
+        return f"{len(self.removed)} node(s) ({shown}) into {len(self.boundary)} constant(s)"
 
 
 class FoldConstants(Pass):
@@ -117,14 +128,11 @@ class FoldConstants(Pass):
     options = {"max_bytes": None, "max_growth_bytes": 1 << 20}
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
-        """Fold the main graph, then every subgraph (outer constants first)."""
+        """Fold the main graph, then every subgraph (outer constants first), then again outside."""
         max_bytes = self.config["max_bytes"]
         folder = _Folder(model, ctx, int(max_bytes if max_bytes is not None else ctx.limits.max_fold_bytes),
                          int(self.config["max_growth_bytes"]))
-        for graph in [model.graph, *model.graph.subgraphs()]:
-            if folder.stopped:
-                break
-            folder.fold_graph(graph)
+        folder.fold_tree(model.graph)
         counters = folder.counters()
         changed = counters["folded-nodes"] > 0
         if changed or counters["skipped-too-large"] or counters["skipped-unsupported"]:
@@ -196,32 +204,49 @@ class _Folder:
             logger.debug("not folding %s: %s", _describe(node), why)
 
     # -- driver ------------------------------------------------------------------------------------
-    def fold_graph(self, graph: ir.Graph) -> None:
+    def fold_tree(self, graph: ir.Graph) -> bool:
+        """Fold ``graph``, then its subgraphs; again when they changed (an ``If`` whose taken
+        branch became constant folds as a whole). Returns whether anything was folded."""
+        changed = self.fold_graph(graph)
+        inner = False
+        for node in list(graph):
+            for sub in node.subgraphs():
+                if not self.stopped and node.is_live():
+                    inner |= self.fold_tree(sub)
+        if inner and not self.stopped:
+            changed |= self.fold_graph(graph)
+        return changed or inner
+
+    def fold_graph(self, graph: ir.Graph) -> bool:
         """Fold ``graph`` round after round until a round folds nothing."""
+        changed = False
         for _ in range(MAX_ROUNDS):
             if self.stopped:
-                return
+                break
             subgraphs, foldable = self._plan(graph)
             if not subgraphs or not self._evaluate_and_apply(graph, subgraphs, foldable):
-                return
+                break
+            changed = True
+        return changed
 
     # -- finding constant nodes --------------------------------------------------------------------
     def _candidates(self, graph: ir.Graph) -> dict[ir.Node, Optional[_Known]]:
         """Constant nodes in graph order: ``_Known`` values, or ``None`` for nodes to evaluate."""
         foldable: dict[ir.Node, Optional[_Known]] = {}
         outputs = {id(v) for v in graph.outputs}
-        sym = None if _in_loop_body(graph) else SymbolicValues()
+        sym = None if _in_loop_body(graph) else SymbolicValues(self._trusted_shape)
         for node in graph:
             if not any(o.has_uses() or id(o) in outputs for o in node.outputs):
                 continue  # dead: removing it is eliminate-dead-code's job
             reason = why_not_foldable(node, self.model)
-            constant_inputs = all(self._is_constant(v, foldable) for v in node.inputs)
+            reads = _reads(node)
+            constant_inputs = all(self._is_constant(v, foldable) for v in reads)
             if not reason and constant_inputs:
                 tensor = _constant_node_tensor(node)
                 if tensor is not None:
                     foldable[node] = _Known(tensor)
                     continue
-                big = next((v for v in node.inputs if v is not None
+                big = next((v for v in reads if v is not None
                             and self._input_bytes(v, foldable) > self.max_bytes), None)
                 if big is not None:
                     self._skip_large(node, f"input '{big.name}' is larger than {self.max_bytes} bytes")
@@ -234,6 +259,18 @@ class _Folder:
             elif reason and constant_inputs:
                 self._skip_unsupported(node, reason)
         return foldable
+
+    def _trusted_shape(self, v: ir.Value) -> Optional[ir.Shape]:
+        """A shape safe to fold ``Shape`` from: declared input shapes (checked by runtimes) and
+        inferred shapes; never a graph output's declared shape, nor one inference contradicts."""
+        if v.producer is None:
+            return v.shape
+        if v in self.pinned:
+            inferred = v.meta.get(INFERRED_TYPE)
+            return inferred.shape if isinstance(inferred, ir.TensorType) else None
+        if v.meta.get(TYPE_CONFLICT):
+            return None
+        return v.shape
 
     @staticmethod
     def _is_constant(v: ir.Value | None, foldable: dict[ir.Node, Optional[_Known]]) -> bool:
@@ -275,7 +312,7 @@ class _Folder:
         sizes = self._sizes(graph, foldable)
         excluded: set[ir.Node] = set()
         for node, known in foldable.items():
-            if any(v is not None and v.producer in excluded for v in node.inputs):
+            if any(v is not None and v.producer in excluded for v in _reads(node)):
                 excluded.add(node)
                 continue
             if known is not None:
@@ -357,48 +394,87 @@ class _Folder:
         except Exception as exc:  # noqa: BLE001 - onnx raises several types; sizes then stay unknown
             logger.debug("shape inference of the constant subgraph failed: %s", exc)
             return {}
-        types: dict[str, ir.TensorType] = {}
-        for info in list(result.graph.value_info) + list(result.graph.output):
-            if info.type.HasField("tensor_type"):
-                tt = info.type.tensor_type
-                shape = ir.Shape.from_proto(tt.shape) if tt.HasField("shape") else None
-                types[info.name] = ir.TensorType(tt.elem_type, shape)
+        types = _tensor_types(list(result.graph.value_info) + list(result.graph.output))
+        # An If's outputs are those of the branch its (constant) condition takes; inference
+        # only knows them when both branches agree.
+        for node, node_proto in zip(nodes, result.graph.node):
+            taken = self._taken_branch(node, foldable)
+            if taken is None:
+                continue
+            branch = node.attr(taken)
+            branch_proto = next((a.g for a in node_proto.attribute if a.name == taken), None)
+            inner = (_tensor_types(list(branch_proto.value_info) + list(branch_proto.output))
+                     if branch_proto is not None else {})
+            for out, result_value in zip(node.outputs, branch.outputs):
+                if type_bytes(types.get(out.name)) is not None:
+                    continue
+                if isinstance(result_value.const_value, ir.Tensor):
+                    tensor = result_value.const_value
+                    types[out.name] = ir.TensorType(tensor.dtype, tensor.shape)
+                    continue
+                for candidate in (inner.get(result_value.name), result_value.type):
+                    if isinstance(candidate, ir.TensorType) and type_bytes(candidate) is not None:
+                        types[out.name] = candidate
+                        break
         return types
+
+    @staticmethod
+    def _taken_branch(node: ir.Node, foldable: dict[ir.Node, Optional[_Known]]) -> Optional[str]:
+        """``"then_branch"`` or ``"else_branch"`` for an If whose condition is already known."""
+        if node.op_type != "If" or not node.inputs or node.inputs[0] is None:
+            return None
+        cond = node.inputs[0]
+        known = foldable.get(cond.producer) if cond.producer is not None else None
+        tensor = known.tensor if known is not None else (cond.const_value if cond.producer is None else None)
+        if not isinstance(tensor, ir.Tensor) or tensor.size != 1:
+            return None
+        return "then_branch" if bool(np.asarray(tensor.numpy()).reshape(-1)[0]) else "else_branch"
 
     def _limit_growth(self, graph: ir.Graph, nodes: list[ir.Node], foldable: dict[ir.Node, Optional[_Known]],
                       sizes: dict[int, Optional[int]]) -> Optional[_Subgraph]:
         """Apply the growth rule (see the module docstring); ``None`` when nothing is left to fold."""
-        while nodes:
-            boundary = self._boundary(graph, nodes)
+        kept: set[ir.Node] = set()
+        while True:
+            removed = [n for n in nodes if n not in kept]
+            if not removed:
+                return None
+            boundary = self._boundary(graph, removed)
             foreign = next((v for v in boundary if v in self.pinned and not v.is_graph_output()), None)
             if foreign is not None:
                 for n in nodes:
                     self._skip_unsupported(n, f"'{foreign.name}' is listed as an output of a nested graph")
                 return None
-            if len(nodes) == 1 and nodes[0].op_type == "Identity" and all(v.is_graph_output() for v in boundary):
-                return None  # folding would give back an Identity of a constant
+            if all(self._is_identity_of_constant_output(n, foldable) for n in removed):
+                return None  # folding would give back the same Identity of a constant
             created = sum(sizes.get(id(v)) or 0 for v in boundary)
-            growth = created - self._freed(nodes, foldable)
+            growth = created - self._freed(removed, foldable)
             if growth <= self.max_growth:
-                return _Subgraph(nodes, boundary)
+                return _Subgraph(_ancestors(boundary, nodes), removed, boundary)
+            # Keep computing the largest new initializer at run time, preferring one that an
+            # expanding node makes (ConstantOfShape, Expand, Tile...): what reads it still folds.
             expanding = [v for v in boundary if (sizes.get(id(v)) or 0) > self._read_bytes(v.producer, sizes)]
-            if not expanding:
-                for n in nodes:
-                    self._skip_large(n, f"folding would grow the model by {growth} bytes")
-                return None
-            worst = max(expanding, key=lambda v: sizes.get(id(v)) or 0)
-            dropped = _descendants(worst.producer, nodes)  # type: ignore[arg-type]
-            for n in dropped:
-                self._skip_large(n, f"'{worst.name}' ({sizes.get(id(worst))} bytes) would grow the model")
-            nodes = [n for n in nodes if n not in dropped]
-        return None
+            worst = max(expanding or boundary, key=lambda v: sizes.get(id(v)) or 0)
+            assert worst.producer is not None
+            kept.add(worst.producer)
+            self._skip_large(worst.producer, f"storing '{worst.name}' ({sizes.get(id(worst))} bytes) "
+                                             f"would grow the model by {growth} bytes")
+
+    @staticmethod
+    def _is_identity_of_constant_output(node: ir.Node, foldable: dict[ir.Node, Optional[_Known]]) -> bool:
+        """An Identity that only gives a constant the declared type of a graph output."""
+        if node.op_type != "Identity" or len(node.inputs) != 1 or node.inputs[0] is None:
+            return False
+        source = node.inputs[0]
+        known = foldable.get(source.producer) if source.producer is not None else None
+        tensor = known.tensor if known is not None else source.const_value
+        return isinstance(tensor, ir.Tensor) and _needs_identity(node.outputs[0], _static_type(tensor))
 
     @staticmethod
     def _boundary(graph: ir.Graph, nodes: list[ir.Node]) -> list[ir.Value]:
         inside = set(nodes)
         outputs = {id(v) for v in graph.outputs}
         return [v for n in nodes for v in n.outputs
-                if id(v) in outputs or any(user not in inside for user, _ in v.uses())]
+                if id(v) in outputs or any(_top(user, graph) not in inside for user, _ in v.uses())]
 
     @staticmethod
     def _freed(nodes: list[ir.Node], foldable: dict[ir.Node, Optional[_Known]]) -> int:
@@ -410,12 +486,12 @@ class _Folder:
             known = foldable.get(n)
             if known is not None and n.op_type == "Constant":
                 freed += known.tensor.nbytes
-            for v in n.inputs:
+            for v in _reads(n):
                 if v is None or v.producer is not None or id(v) in seen:
                     continue
                 seen.add(id(v))
                 if (v.is_constant() and isinstance(v.const_value, ir.Tensor) and not v.is_graph_output()
-                        and all(user in inside for user, _ in v.uses())):
+                        and all(_top(user, n.graph) in inside for user, _ in v.uses())):
                     freed += v.const_value.nbytes
         return freed
 
@@ -447,7 +523,7 @@ class _Folder:
         gproto.name = "constant_subgraph"
         added: set[str] = set()
         for node in nodes:
-            for v in node.inputs:
+            for v in _reads(node):
                 if v is None or v.producer in inside or v.name in added:
                     continue
                 added.add(v.name)
@@ -464,7 +540,7 @@ class _Folder:
                     gproto.initializer.append(copy)
                 else:
                     gproto.initializer.append(tensor_proto_of(v))
-            gproto.node.append(node_to_proto(node))
+            gproto.node.append(node_to_proto(node, subgraph_proto))
         for v in outputs:
             gproto.output.append(value_info(v.name, None))
         model = onnx.ModelProto()
@@ -491,6 +567,7 @@ class _Folder:
         order = {n: i for i, n in enumerate(graph)}
         for s in subs:
             s.nodes.sort(key=lambda n: order[n])
+            s.removed.sort(key=lambda n: order[n])
         results: dict[int, dict[str, Evaluated]] = {}
         try:
             combined = self._run(graph, subs, foldable, fallback=False)
@@ -502,7 +579,7 @@ class _Folder:
                 try:
                     results[i] = self._run(graph, [s], foldable, fallback=True)
                 except EvaluationFailed as err:
-                    for n in s.nodes:
+                    for n in s.removed:
                         self._skip_unsupported(n, f"evaluation failed: {err}")
         progressed = False
         for i, s in enumerate(subs):
@@ -532,35 +609,56 @@ class _Folder:
                     return None
                 tensor = ir.ArrayTensor(result.array, dtype=result.dtype)
             problem = _type_problem(v, tensor)
+            if not problem and _needs_identity(v, _static_type(tensor)) and not _imports_default(v):
+                problem = (f"output '{v.name}' would need an Identity, and the model does not "
+                           "import the default domain")
             if problem:
-                for n in sub.nodes:
+                for n in sub.removed:
                     self._skip_unsupported(n, problem)
                 return None
             tensors.append(tensor)
         return tensors
 
     def _apply(self, graph: ir.Graph, sub: _Subgraph, tensors: list[ir.Tensor]) -> None:
-        if any(v.is_graph_output() for v in sub.boundary):
-            _import_default_domain(graph, self.model)
         for v, tensor in zip(sub.boundary, tensors):
-            is_output = v.is_graph_output()
-            # A graph output keeps its name on an Identity; other values hand theirs over.
-            name = self.model.unique_name(v.name + "_folded") if is_output else v.name
-            if not is_output:
-                v.name = self.model.unique_name(v.name + "_replaced")
-            init = graph.add_initializer(name, tensor)
-            v.replace_all_uses_with(init, rename_graph_outputs=is_output)
-            if is_output:
+            if _needs_identity(v, _static_type(tensor)):
+                # The output's declared type is more general than the constant's: an Identity
+                # of the initializer keeps it (and the name).
+                init = graph.add_initializer(self.model.unique_name(v.name + "_value"), tensor)
+                v.replace_all_uses_with(init, rename_graph_outputs=True)
                 self.pinned.update(graph.outputs)
+            else:
+                # The initializer takes the value's name; a graph output stays listed under it.
+                name, is_output = v.name, v.is_graph_output()
+                v.name = self.model.unique_name(name + "_replaced")
+                init = graph.add_initializer(name, tensor)
+                for node, index in v.uses():
+                    node.replace_input(index, init)
+                if is_output:
+                    graph.outputs[:] = [init if o is v else o for o in graph.outputs]
+                    self.pinned.add(init)
             self.new_initializers += 1
-        for node in reversed(sub.nodes):
+        for node in reversed(sub.removed):
             graph.remove(node)
-        self.folded += len(sub.nodes)
+        self.folded += len(sub.removed)
         if self.model.ir_version < 4:
             logger.debug("raising the IR version from %d to 4: folded constants are initializers that "
                          "are not graph inputs", self.model.ir_version)
             self.model.ir_version = 4
         logger.debug("folded %s", sub.describe())
+
+
+def _static_type(tensor: ir.Tensor) -> ir.TensorType:
+    return ir.TensorType(tensor.dtype, tuple(tensor.shape))
+
+
+def _needs_identity(v: ir.Value, static: ir.TensorType) -> bool:
+    """True for a graph output whose declared type is more general than its constant's.
+
+    An initializer listed as an output carries one type (its own), so such an output is kept
+    as an ``Identity`` of the initializer, which keeps the declared type.
+    """
+    return v.is_graph_output() and isinstance(v.type, ir.TensorType) and v.type != static
 
 
 def _type_problem(v: ir.Value, tensor: ir.Tensor) -> str:
@@ -580,19 +678,33 @@ def _type_problem(v: ir.Value, tensor: ir.Tensor) -> str:
     return ""
 
 
-def _import_default_domain(graph: ir.Graph, model: ir.Model) -> None:
-    """Import the default domain (for the ``Identity`` that keeps an output's name) if missing.
+def _tensor_types(infos: list[onnx.ValueInfoProto]) -> dict[str, ir.TensorType]:
+    types: dict[str, ir.TensorType] = {}
+    for info in infos:
+        if info.type.HasField("tensor_type"):
+            tt = info.type.tensor_type
+            shape = ir.Shape.from_proto(tt.shape) if tt.HasField("shape") else None
+            types[info.name] = ir.TensorType(tt.elem_type, shape)
+    return types
 
-    Models of only ``ai.onnx.ml`` operators may not import it; the version chosen is the newest
-    the model's IR version allows (``Identity`` is the same in every version).
-    """
-    imports = graph.opset_imports()
-    if "" in imports or "ai.onnx" in imports:
-        return
-    versions = [row[2] for row in onnx.helper.VERSION_TABLE if row[1] <= max(model.ir_version, 3)]
-    version = min(max(versions, default=1), onnx.defs.onnx_opset_version())
-    imports[""] = version
-    logger.debug("imported the default domain (opset %d) for an Identity of a folded output", version)
+
+def _reads(node: ir.Node) -> list[Optional[ir.Value]]:
+    """What a node reads: its inputs, and what its subgraphs read from enclosing scopes."""
+    return list(node.inputs) + (captured_values(node) if node.subgraphs() else [])
+
+
+def _top(user: ir.Node, graph: Optional[ir.Graph]) -> ir.Node:
+    """The node of ``graph`` that holds ``user`` (``user`` itself when it is in ``graph``)."""
+    node: Optional[ir.Node] = user
+    while node is not None and node.graph is not graph and node.graph is not None:
+        node = node.graph.parent
+    return node if node is not None else user
+
+
+def _imports_default(v: ir.Value) -> bool:
+    graph = v.owning_graph()
+    imports = graph.opset_imports() if graph is not None else {}
+    return "" in imports or "ai.onnx" in imports
 
 
 def _connected(nodes: list[ir.Node]) -> list[list[ir.Node]]:
@@ -606,7 +718,7 @@ def _connected(nodes: list[ir.Node]) -> list[list[ir.Node]]:
         return n
 
     for n in nodes:
-        for v in n.inputs:
+        for v in _reads(n):
             if v is not None and v.producer in parent:
                 a, b = find(n), find(v.producer)  # type: ignore[arg-type]
                 if a is not b:
@@ -617,19 +729,18 @@ def _connected(nodes: list[ir.Node]) -> list[list[ir.Node]]:
     return list(groups.values())
 
 
-def _descendants(start: ir.Node, nodes: list[ir.Node]) -> set[ir.Node]:
-    """``start`` and every node of ``nodes`` that reads, directly or not, one of its outputs."""
+def _ancestors(values: list[ir.Value], nodes: list[ir.Node]) -> list[ir.Node]:
+    """The nodes of ``nodes`` that ``values`` are computed from (their producers included), in order."""
     inside = set(nodes)
-    found = {start}
-    pending = [start]
+    found: set[ir.Node] = set()
+    pending = [v.producer for v in values if v.producer in inside]
     while pending:
         n = pending.pop()
-        for v in n.outputs:
-            for user, _ in v.uses():
-                if user in inside and user not in found:
-                    found.add(user)
-                    pending.append(user)
-    return found
+        if n is None or n in found:
+            continue
+        found.add(n)
+        pending.extend(v.producer for v in _reads(n) if v is not None and v.producer in inside)
+    return [n for n in nodes if n in found]
 
 
 def _describe(node: ir.Node) -> str:

@@ -14,8 +14,11 @@ Two stages:
 
 A value's type only ever becomes more precise: an unknown element type, rank or dim is filled
 in, a symbolic dim of an intermediate value may become a size; a contradiction keeps what the
-model says. Graph input types never change; graph outputs only gain dims they leave unknown.
-Function bodies are not annotated (their types depend on the call site).
+model says. The types of graph inputs and outputs never change, in the main graph and in
+subgraphs alike: they are signatures (the model's contract with its users, a body's contract
+with its ``If``/``Loop``/``Scan``). Function bodies are not annotated (their types depend on
+the call site). Annotating intermediate values changes nothing a model computes, so it is not
+counted as a rewrite against ``--bisect-limit``.
 
 The pass provides ``shapes-inferred``, which ``fold-constants`` requires. With the option
 ``write-value-info`` the inferred types of intermediate values are also written to the
@@ -31,7 +34,8 @@ import onnx
 
 from graphopt import ir
 from graphopt.passes.fold._proto import light_model_proto, walk_maps
-from graphopt.passes.fold._rules import infer_node_types, refine_type
+from graphopt.passes.fold._rules import (INFERRED_TYPE, TYPE_CONFLICT, contradicts, infer_node_types,
+                                         refine_type)
 from graphopt.passes.fold._symbolic import SymbolicValues
 from graphopt.pipeline import Pass, PassContext, PassResult
 
@@ -40,11 +44,19 @@ __all__ = ["InferShapes"]
 logger = logging.getLogger(__name__)
 
 
+#: onnx names the unknown dims it creates ``unk__0``, ``unk__1``...: they say nothing.
+_INVENTED_DIM = "unk__"
+
+
 def _type_from_proto(proto: onnx.TypeProto) -> Optional[ir.ValueType]:
     kind = proto.WhichOneof("value")
     if kind == "tensor_type":
         tt = proto.tensor_type
-        return ir.TensorType(tt.elem_type, ir.Shape.from_proto(tt.shape) if tt.HasField("shape") else None)
+        if not tt.HasField("shape"):
+            return ir.TensorType(tt.elem_type, None)
+        dims = [None if isinstance(d, str) and d.startswith(_INVENTED_DIM) else d
+                for d in ir.Shape.from_proto(tt.shape).dims]
+        return ir.TensorType(tt.elem_type, dims)
     if kind is None:
         return None
     return ir.OtherType(proto)
@@ -58,13 +70,23 @@ def _fully_typed(v: ir.Value) -> bool:
             and all(d is not None for d in t.shape.dims))
 
 
+def _forget_previous(model: ir.Model) -> None:
+    """Drop notes of an earlier run: the graph may have changed since."""
+    for graph in [model.graph, *model.graph.subgraphs()]:
+        for v in graph.outputs:
+            v.meta.pop(INFERRED_TYPE, None)
+        for node in graph:
+            for v in node.outputs:
+                v.meta.pop(TYPE_CONFLICT, None)
+
+
 class InferShapes(Pass):
     """Infer element types and shapes (static and symbolic) of every value; provides ``shapes-inferred``.
 
     Example:
         >>> from graphopt.pipeline import PassContext
         >>> InferShapes().run(model, PassContext()).counters  # doctest: +SKIP
-        {'typed-values': 41, 'refined-outputs': 1, 'value-info-added': 0}
+        {'typed-values': 41, 'value-info-added': 0}
     """
 
     name = "infer-shapes"
@@ -76,57 +98,63 @@ class InferShapes(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Copy onnx's inferred types onto the IR, then apply graphopt's rules where it stopped."""
-        state = _Annotator(model, ctx)
+        _forget_previous(model)
+        state = _Annotator(model)
         for value, inferred in _onnx_inference(model):
             state.refine(value, inferred)
         for graph in [model.graph, *model.graph.subgraphs()]:
             sym = SymbolicValues()
             for node in graph:
                 outputs = [o for o in node.outputs if o.name]
-                if not outputs or all(_fully_typed(o) for o in outputs):
+                if not outputs or all(_fully_typed(o) and o not in state.signature for o in outputs):
                     continue
                 for out, inferred in zip(node.outputs, infer_node_types(node, sym)):
                     if out.name and inferred is not None:
                         state.refine(out, inferred)
         added = _write_value_info(model, ctx) if self.config["write_value_info"] else 0
-        counters = {"typed-values": state.typed, "refined-outputs": state.refined_outputs,
-                    "value-info-added": added}
+        counters = {"typed-values": state.typed, "value-info-added": added}
         if state.typed or added:
             logger.info("infer-shapes: %s", ", ".join(f"{k} {v}" for k, v in counters.items() if v))
         return PassResult(bool(state.typed or added), counters)
 
 
 class _Annotator:
-    """Applies type refinements, guarding graph inputs and outputs."""
+    """Applies type refinements to intermediate values (never to graph inputs or outputs)."""
 
-    def __init__(self, model: ir.Model, ctx: PassContext) -> None:
-        self.ctx = ctx
+    def __init__(self, model: ir.Model) -> None:
         self.typed = 0
-        self.refined_outputs = 0
-        self.outputs = {v for g in model.all_graphs() for v in g.outputs}
+        self.signature = {v for g in model.all_graphs() for v in g.outputs}
 
     def refine(self, value: ir.Value, inferred: ir.ValueType) -> None:
         if value.producer is None:
             return  # graph inputs and initializers: the model's contract and its constants
-        is_output = value in self.outputs
+        if value in self.signature:
+            # A graph output keeps its declared type; what inference found is kept aside
+            # (a declared output shape is not checked by runtimes and may be stale).
+            known = value.meta.get(INFERRED_TYPE)
+            value.meta[INFERRED_TYPE] = refine_type(known, inferred) or known or inferred
+            return
+        if contradicts(value.type, inferred):
+            logger.debug("'%s': declared %s, inferred %s; keeping the declaration", value.name,
+                         value.type, inferred)
+            value.meta[TYPE_CONFLICT] = True
+            return
         if isinstance(inferred, ir.OtherType):
             better: Optional[ir.ValueType] = inferred if value.type is None else None
         else:
-            better = refine_type(value.type, inferred, symbols_to_sizes=not is_output)
+            better = refine_type(value.type, inferred)
         if better is None:
-            return
-        if is_output and not self.ctx.allow_rewrite(f"refine the type of output '{value.name}' to {better}"):
             return
         logger.debug("'%s': %s -> %s", value.name, value.type, better)
         value.type = better
         self.typed += 1
-        self.refined_outputs += int(is_output)
 
 
 def _onnx_inference(model: ir.Model) -> list[tuple[ir.Value, ir.ValueType]]:
     """Types onnx shape inference finds for node outputs, on the light copy of ``model``."""
-    proto, pmap = light_model_proto(model)
     try:
+        # Inside the try: a model nested deeper than protobuf allows cannot become a proto.
+        proto, pmap = light_model_proto(model)
         result = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
                                                    data_prop=True)
     except Exception as exc:  # noqa: BLE001 - onnx raises several types; graphopt's rules still run

@@ -17,7 +17,7 @@ from graphopt.rewrite import MatchContext, constant_value
 
 __all__ = ["FLOAT_DTYPES", "default_opset", "opset_reason", "float_reason", "exclusive_constant",
            "optional_constant", "static_rank", "channel_vector", "scalar_constant", "close_to",
-           "to_dtype", "checked_constant", "batch_norm_reason", "batch_norm_affine", "bias_shape_reason"]
+           "to_dtype", "checked_constant", "normalized_dims", "reduce_axes", "over_normalized_axes", "batch_norm_reason", "batch_norm_affine", "bias_shape_reason"]
 
 #: Element types the fusions rewrite: folding changes rounding, which is acceptable for floats only.
 FLOAT_DTYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
@@ -107,13 +107,13 @@ def channel_vector(array: np.ndarray, channels: int, rank: int, axis: int = 1) -
     return np.broadcast_to(flat, (channels,)).copy() if flat.size == 1 else flat.copy()
 
 
-def scalar_constant(ctx: MatchContext, value: ir.Value, rank: int | None) -> float | None:
+def scalar_constant(value: ir.Value, rank: int | None) -> float | None:
     """The number held by a one-element constant that cannot widen a rank-``rank`` operand.
 
     ``x * c`` keeps the shape of ``x`` only when ``c`` has no more dims than ``x``; with the rank
     of ``x`` unknown, only a rank-0 constant is safe.
     """
-    array = ctx.constant(value)
+    array = constant_value(value)
     if array is None or array.size != 1 or array.dtype.kind not in "fiu":
         return None
     if array.ndim > (0 if rank is None else rank):
@@ -206,3 +206,66 @@ def bias_shape_reason(bias_shape: Sequence[int], rows: ir.Dim, cols: int) -> str
     if len(shape) == 2 and shape[0] != 1 and shape[0] != rows:
         return f"bias of shape {list(shape)} needs {shape[0]} rows; the product has {rows!r}"
     return None
+
+
+# -- normalizations ----------------------------------------------------------------------------
+def normalized_dims(x: ir.Value, axis: int) -> tuple[int, ...] | str:
+    """The static dims of ``x`` from ``axis`` (negative counts from the end) to its last, or why not.
+
+    LayerNormalization and RMSNormalization take a scale of exactly this shape.
+    """
+    shape = x.shape
+    if shape is None:
+        return f"the rank of '{x.name}' is not known"
+    rank = shape.rank
+    if not -rank <= axis < rank:
+        return f"axis {axis} is out of range for rank {rank}"
+    tail = shape.dims[axis % rank:]
+    if not all(isinstance(d, int) for d in tail):
+        return f"the normalized dims {list(tail)} of '{x.name}' are not static"
+    return tuple(int(d) for d in tail)  # type: ignore[arg-type]
+
+
+def reduce_axes(node: ir.Node, rank: int) -> list[int] | str:
+    """The sorted, non-negative axes a ``keepdims=1`` ReduceMean reduces, or why they are not known."""
+    version = node.version
+    if version is None:
+        return "the opset of ReduceMean is unknown"
+    if node.attr("keepdims", 1) != 1:
+        return "ReduceMean has keepdims=0"
+    if version < 18:
+        axes = node.attr("axes")
+        values = None if axes is None else [int(a) for a in axes]
+    else:
+        source = node.inputs[1] if len(node.inputs) > 1 else None
+        array = constant_value(source) if source is not None else None
+        values = None if array is None else [int(a) for a in array.reshape(-1)]
+    if not values:
+        return "ReduceMean axes are absent, empty or not a constant"
+    if any(not -rank <= a < rank for a in values):
+        return f"ReduceMean axes {values} are out of range for rank {rank}"
+    return sorted({a % rank for a in values})
+
+
+def over_normalized_axes(array: np.ndarray, rank: int, dims: tuple[int, ...]) -> np.ndarray | None:
+    """``array`` broadcast to ``dims``, when it varies only along the last ``len(dims)`` of ``rank`` axes.
+
+    ``LN(x)·γ`` folds into the LayerNormalization scale only when ``γ`` neither widens the
+    output (more dims than ``x``) nor varies along a leading, non-normalized axis.
+
+    Example:
+        >>> over_normalized_axes(np.ones((1, 1, 4)), 3, (4,)).shape
+        (4,)
+        >>> over_normalized_axes(np.ones((2, 1, 4)), 3, (4,)) is None
+        True
+    """
+    if array.ndim > rank:
+        return None
+    shape = (1,) * (rank - array.ndim) + tuple(array.shape)
+    lead = rank - len(dims)
+    if any(d != 1 for d in shape[:lead]):
+        return None
+    try:
+        return np.broadcast_to(array.reshape(shape[lead:]), dims).copy()
+    except ValueError:
+        return None

@@ -1,13 +1,12 @@
 """``fuse-bn-into-conv``: fold an inference-mode BatchNormalization into the Conv before it.
 
 Algebra: per output channel ``m``, ``bn(y) = y·s + t`` with ``s = γ/√(σ²+ε)`` and
-``t = β − μ·s``; a convolution is linear in its weight, so for
-``y = Conv(x, W) + b``::
+``t = β − μ·s``; a convolution is linear in its weight, so for ``y = Conv(x, W) + b``::
 
     W'[m] = W[m]·s[m]        b'[m] = b[m]·s[m] + t[m] = (b[m] − μ[m])·s[m] + β[m]
 
 For ``ConvTranspose`` the weight is ``[C_in, M/g, k...]``: output channel ``m = g·(M/g) + j``
-owns column ``j`` of the input channels of group ``g``, which is what gets scaled.
+is column ``j`` of the input channels of group ``g``, and that column is what gets scaled.
 
 Must not fire when:
 
@@ -20,12 +19,11 @@ Must not fire when:
 * the Conv output has other readers or is a graph output (the engine refuses);
 * the element type is not float, float16 or double.
 
-A bias that is shared is fine: the fused bias is a new, ``[C]``-sized tensor.
+A shared bias is fine: the fused bias is a new tensor of only ``C`` elements.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -33,12 +31,10 @@ import numpy as np
 from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet
 
-from graphopt.passes.fusion._common import (batch_norm_affine, exclusive_constant, float_reason,
-                                            optional_constant, to_dtype)
+from graphopt.passes.fusion._common import (batch_norm_affine, checked_constant, exclusive_constant,
+                                            float_reason, optional_constant, to_dtype)
 
-__all__ = ["FuseBnIntoConv", "CONV_BN_RULES"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["FuseBnIntoConv", "CONV_BN_RULES", "scale_output_channels"]
 
 
 def _conv_bn(op: Any, x: Any, w: Any, scale: Any, bias: Any, mean: Any, var: Any) -> Any:
@@ -58,76 +54,64 @@ def _output_channels(conv: ir.Node, weight: np.ndarray) -> int:
     return int(weight.shape[0])
 
 
+def _conv_bias(conv: ir.Node) -> ir.Value | None:
+    return conv.inputs[2] if len(conv.inputs) > 2 else None
+
+
 def _check(ctx: MatchContext, w: ir.Value, conv: ir.Node, bn: ir.Node) -> Any:
     reason = float_reason(w)
     if reason:
         return Failure(reason)
-    weight = exclusive_constant(ctx, w, "the weight")
+    weight = exclusive_constant(w, "the weight")
     if isinstance(weight, str):
         return Failure(weight)
     if weight.ndim < 3:
         return Failure(f"the weight '{w.name}' has rank {weight.ndim}, expected at least 3")
-    bias = optional_constant(ctx, conv.inputs[2] if len(conv.inputs) > 2 else None, "the Conv bias")
+    bias = optional_constant(_conv_bias(conv), f"the {conv.op_type} bias")
     if isinstance(bias, str):
         return Failure(bias)
     channels = _output_channels(conv, weight)
     if bias is not None and bias.shape != (channels,):
-        return Failure(f"the Conv bias has shape {list(bias.shape)}, expected [{channels}]")
-    affine = batch_norm_affine(ctx, bn, channels)
+        return Failure(f"the {conv.op_type} bias has shape {list(bias.shape)}, expected [{channels}]")
+    affine = batch_norm_affine(bn, channels)
     if isinstance(affine, str):
         return Failure(affine)
     return True
 
 
 def scale_output_channels(conv: ir.Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``weight`` (float64) with every output channel ``m`` multiplied by ``scale[m]``.
+    """``weight`` with every output channel ``m`` of ``conv`` multiplied by ``scale[m]``.
+
+    Works for Conv (``[M, C/g, k...]``) and ConvTranspose (``[C, M/g, k...]``) weights.
 
     Example:
-        >>> w = np.ones((2, 1, 1, 1)); scale_output_channels(conv_node, w, np.array([2., 3.])).ravel()  # doctest: +SKIP
+        >>> scale_output_channels(conv, np.ones((2, 1, 1, 1)), np.array([2.0, 3.0])).ravel()  # doctest: +SKIP
         array([2., 3.])
     """
     if conv.op_type != "ConvTranspose":
         return weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
     group = int(conv.attr("group", 1))
     c_in, per_group = weight.shape[0], weight.shape[1]
-    kernel = weight.shape[2:]
+    kernel = tuple(weight.shape[2:])
     grouped = weight.reshape((group, c_in // group, per_group) + kernel)
     factors = scale.reshape((group, 1, per_group) + (1,) * len(kernel))
     return (grouped * factors).reshape(weight.shape)
 
 
-def _rewrite(op: Any, x: ir.Value, w: ir.Value, conv: ir.Node, bn: ir.Node) -> ir.Value | None:
-    weight = op_constant(w)
+def _rewrite(op: Any, x: ir.Value, w: ir.Value, conv: ir.Node, bn: ir.Node) -> ir.Value:
+    weight = checked_constant(w)
     dtype = w.dtype
     assert dtype is not None
     channels = _output_channels(conv, weight)
-    scale, shift = _affine_of(op, bn, channels)
-    old_bias = conv.inputs[2] if len(conv.inputs) > 2 else None
-    bias = np.zeros(channels) if old_bias is None else op_constant(old_bias).astype(np.float64)
-    new_weight = scale_output_channels(conv, weight.astype(np.float64), scale)
-    new_bias = bias * scale + shift
-    logger.debug("folded %s into %s", bn.name or bn.op_type, conv.name or conv.op_type)
-    return getattr(op, conv.op_type)(
-        x, op.initializer(to_dtype(new_weight, dtype), name_hint=f"{w.name}_bn"),
-        op.initializer(to_dtype(new_bias, dtype), name_hint=f"{w.name}_bn_bias"), **conv.attributes)
-
-
-def op_constant(value: ir.Value) -> np.ndarray:
-    """The array of a constant the check already accepted."""
-    from graphopt.rewrite import constant_value
-
-    array = constant_value(value)
-    assert array is not None, f"'{value.name}' was checked to be constant"
-    return array
-
-
-def _affine_of(op: Any, bn: ir.Node, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    from graphopt.rewrite import constant_value
-
-    params = [constant_value(bn.inputs[i]) for i in range(1, 5)]
-    gamma, beta, mean, var = (np.asarray(p, dtype=np.float64) for p in params)
-    scale = gamma / np.sqrt(var + float(bn.attr("epsilon", 1e-5)))
-    return scale, beta - mean * scale
+    affine = batch_norm_affine(bn, channels)
+    assert not isinstance(affine, str), affine
+    scale, shift = affine
+    old_bias = _conv_bias(conv)
+    bias = np.zeros(channels) if old_bias is None else checked_constant(old_bias).astype(np.float64)
+    new_weight = op.initializer(to_dtype(scale_output_channels(conv, weight.astype(np.float64), scale), dtype),
+                                name_hint=f"{w.name}_bn")
+    new_bias = op.initializer(to_dtype(bias * scale + shift, dtype), name_hint=f"{w.name}_bn_bias")
+    return op.node(conv.op_type, [x, new_weight, new_bias], dict(conv.attributes))
 
 
 CONV_BN_RULES = RuleSet([

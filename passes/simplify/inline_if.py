@@ -169,11 +169,21 @@ class _Inliner:
         if branch.initializers and not _holds_initializers(graph):
             return None, f"{attr} has initializers, which the enclosing graph cannot hold"
         for out in node.outputs:
-            if id(out) in self.pinned and not out.is_graph_output():
+            if id(out) in self.pinned and not out.is_graph_output() and self._listed_elsewhere(out):
                 return None, f"'{out.name}' is listed as an output of another graph"
             if out.name and out.name in self.keep_names:
                 return None, f"training_info refers to '{out.name}'"
         return branch, ""
+
+
+    def _listed_elsewhere(self, value: ir.Value) -> bool:
+        """True when a graph other than the value's own lists it as an output.
+
+        ``self.pinned`` was taken before any inlining and only over-approximates (inlined
+        branches no longer list their outputs), so a hit in it is confirmed here.
+        """
+        owner = value.owning_graph()
+        return any(g is not owner and any(v is value for v in g.outputs) for g in self.model.all_graphs())
 
 
 def _is_if(node: ir.Node) -> bool:

@@ -5,7 +5,7 @@ graphopt loads this module through the ``graphopt.passes`` entry point declared 
 
 Example:
     >>> from graphopt.pipeline import PassRegistry
-    >>> PassRegistry.default().get("fold-double-negation").__name__  # once installed
+    >>> PassRegistry.default().get("fold-double-negation").__name__  # doctest: +SKIP
     'FoldDoubleNegation'
 """
 

@@ -1,0 +1,41 @@
+"""Target-aware fusions into onnxruntime contrib ops (domain ``com.microsoft``).
+
+Each pass emits an op only where the target's execution provider has a kernel for it
+(:func:`~graphopt.passes.contrib.capabilities.provider_supports`), so the optimized model loads
+on the provider it is meant for; on another target the rules refuse with a reason that
+``graphopt why-not`` shows. They run at ``-O3``, after the standard-ONNX fusions, whose
+``LayerNormalization``, ``Gelu`` and ``RMSNormalization`` they consume.
+
+=========================  ==========================================================
+pass                       emits
+=========================  ==========================================================
+contrib-attention          MultiHeadAttention (BERT- and GPT-2-style blocks)
+contrib-skip-layer-norm    SkipLayerNormalization, SkipSimplifiedLayerNormalization
+contrib-gelu               Gelu, BiasGelu, FastGelu
+contrib-fused-conv         FusedConv (Conv + activation, + residual Add)
+contrib-fused-matmul       FusedMatMul (transposed inputs, scalar scale)
+=========================  ==========================================================
+
+Example:
+    >>> from graphopt.passes.contrib import CONTRIB_PASSES
+    >>> [p.name for p in CONTRIB_PASSES][:2]
+    ['contrib-attention', 'contrib-skip-layer-norm']
+"""
+
+from __future__ import annotations
+
+from graphopt.passes.contrib.attention import ContribAttention
+from graphopt.passes.contrib.capabilities import fused_conv_activations, provider_supports
+from graphopt.passes.contrib.fused_conv import ContribFusedConv
+from graphopt.passes.contrib.fused_matmul import ContribFusedMatMul
+from graphopt.passes.contrib.gelu import ContribGelu
+from graphopt.passes.contrib.skip_layer_norm import ContribSkipLayerNorm
+from graphopt.pipeline import Pass
+
+#: The contrib passes in the order the O3 pipeline runs them: attention first (its pattern
+#: contains MatMuls that contrib-fused-matmul would otherwise take apart).
+CONTRIB_PASSES: list[type[Pass]] = [ContribAttention, ContribSkipLayerNorm, ContribGelu, ContribFusedConv,
+                                    ContribFusedMatMul]
+
+__all__ = ["CONTRIB_PASSES", "ContribAttention", "ContribFusedConv", "ContribFusedMatMul", "ContribGelu",
+           "ContribSkipLayerNorm", "fused_conv_activations", "provider_supports"]

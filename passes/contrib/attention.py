@@ -1,0 +1,325 @@
+"""``contrib-attention``: multi-head attention blocks of exports become ``com.microsoft::MultiHeadAttention``.
+
+Algebra: with ``q, k, v`` of shape ``[B, S, H]`` (``H = N·D``, ``N`` heads of size ``D``),
+``split(t) = Transpose(Reshape(t, [B, S, N, D]), [0, 2, 1, 3])`` and
+``merge(c) = Reshape(Transpose(c, [0, 2, 1, 3]), [B, S, H])``::
+
+    merge(Softmax(α · split(q) @ split(k)ᵀ + M) @ split(v))
+        = MultiHeadAttention(q, k, v, attention_bias=M, num_heads=N, scale=α)
+
+and with a causal mask (``Where(tril, scores, −big)``) the same with ``unidirectional=1``.
+
+The forms recognized, as the TorchScript and dynamo exporters of PyTorch write them (BERT-style
+encoders with three projections, GPT-2-style decoders whose ``q, k, v`` come from one ``Split``):
+
+* ``split(k)ᵀ`` as ``Transpose(Reshape(k), [0, 2, 3, 1])`` or as two Transposes
+  (``[0, 2, 1, 3]`` then ``[0, 1, 3, 2]``);
+* the scale ``α`` as ``Div(scores, c)``, ``Mul(scores, c)``, a ``Mul`` of both ``split(q)`` and
+  ``split(k)ᵀ`` by constants (the SDPA decomposition: ``α = c_q·c_k``), of ``split(q)`` only,
+  or absent (``α = 1``);
+* the mask as absent, ``Add(scores, M)`` (any additive mask that broadcasts to the scores:
+  BERT's ``(1 − mask)·−10000`` of shape ``[B, 1, 1, S]``, a bool mask turned additive by
+  ``Where``), ``Where(tril, scores, fill)`` (causal; ``tril`` a constant lower-triangular
+  boolean matrix, or ``Trilu(ones, upper=0)``), or the causal ``Where`` followed by an ``Add``;
+* ``Softmax`` over the last axis.
+
+onnxruntime requires ``attention_bias`` to be 4-D ``[B or 1, N or 1, S, L]``; a mask of another
+shape is broadcast to that with one ``Expand`` (``[B, 1, 1, L]`` → ``[B, 1, S, L]``), which is
+exactly the broadcasting the ``Add`` did.
+
+Must not fire when:
+
+* the target has no ``MultiHeadAttention`` kernel for the element type;
+* shapes do not prove the head split: ``q``, ``k``, ``v`` must be 3-D with one known hidden size
+  ``H``, the Reshapes must produce ``[B, S, N, D]`` with static ``N·D = H`` and batch and
+  sequence dims provably those of the input, and the final Reshape must give back ``q``'s shape;
+* ``k`` and ``v`` may differ in batch or sequence length from each other, or ``k`` from ``q`` in
+  batch;
+* a scale is not a one-element float constant (``Div`` by zero included);
+* the mask may have more than 4 dims or another element type, or the causal condition is not a
+  lower-triangular ``[S, S]`` matrix with ``S`` the (equal) query and key length, or the fill
+  is not below −10⁴ (softmax would not give those positions exactly 0);
+* ``Softmax`` is not over the last axis;
+* an intermediate (scores, probabilities, split heads) is read elsewhere or is a graph output
+  (the engine refuses).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from graphopt import ir
+from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet, constant_value
+
+from graphopt.passes.contrib._common import CONTRIB_DOMAIN, kernel_reason, same_dim, scalar_constant, static_rank
+
+__all__ = ["ContribAttention", "ATTENTION_RULES", "K_FORMS", "SCALE_FORMS", "MASK_FORMS"]
+
+#: How ``split(k)ᵀ`` is written.
+K_FORMS = ("one-transpose", "two-transposes")
+#: How the scale is applied.
+SCALE_FORMS = ("div", "mul", "prescale-qk", "prescale-q", "none")
+#: How the mask is applied.
+MASK_FORMS = ("none", "add", "causal", "causal-add")
+#: A causal fill must push scores this far down for softmax to give exactly 0 in float32.
+MAX_CAUSAL_FILL = -1e4
+
+_HEAD_SPLIT = (0, 2, 1, 3)
+
+
+def _variables(scale: str, mask: str) -> list[str]:
+    names = ["q", "k", "v", "q_shape", "k_shape", "v_shape", "out_shape"]
+    names += {"div": ["scale"], "mul": ["scale"], "prescale-qk": ["q_scale", "k_scale"],
+              "prescale-q": ["q_scale"], "none": []}[scale]
+    names += {"none": [], "add": ["mask"], "causal": ["causal", "fill"], "causal-add": ["causal", "fill", "mask"]}[mask]
+    return names
+
+
+def _pattern(k_form: str, scale: str, mask: str) -> Callable[..., Any]:
+    names = _variables(scale, mask)
+
+    def pattern(op: Any, *values: Any) -> Any:
+        var = dict(zip(names, values))
+        qh = op.Transpose(op.Reshape(var["q"], var["q_shape"], _name="q_reshape"), perm=_HEAD_SPLIT)
+        k_reshape = op.Reshape(var["k"], var["k_shape"], _name="k_reshape")
+        if k_form == "one-transpose":
+            kt = op.Transpose(k_reshape, perm=(0, 2, 3, 1))
+        else:
+            kt = op.Transpose(op.Transpose(k_reshape, perm=_HEAD_SPLIT), perm=(0, 1, 3, 2))
+        if scale == "prescale-qk":
+            qh, kt = op.Mul(qh, var["q_scale"]), op.Mul(kt, var["k_scale"])
+        elif scale == "prescale-q":
+            qh = op.Mul(qh, var["q_scale"])
+        scores = op.MatMul(qh, kt, _name="scores")
+        if scale in ("div", "mul"):
+            scores = getattr(op, scale.capitalize())(scores, var["scale"])
+        if mask in ("causal", "causal-add"):
+            scores = op.Where(var["causal"], scores, var["fill"])
+        if mask in ("add", "causal-add"):
+            scores = op.Add(scores, var["mask"])
+        probs = op.Softmax(scores, _name="softmax")
+        vh = op.Transpose(op.Reshape(var["v"], var["v_shape"], _name="v_reshape"), perm=_HEAD_SPLIT)
+        context = op.MatMul(probs, vh)
+        return op.Reshape(op.Transpose(context, perm=_HEAD_SPLIT), var["out_shape"], _name="out_reshape")
+
+    parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["op", *names]]
+    pattern.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    pattern.__qualname__ = f"attention_{k_form}_{scale}_{mask}".replace("-", "_")
+    return pattern
+
+
+# -- checks ------------------------------------------------------------------------------------------
+def _heads(x: ir.Value, reshape: ir.Node) -> tuple[int, int] | str:
+    """``(N, D)`` when ``reshape`` splits ``x [B, S, N·D]`` into ``[B, S, N, D]``, else why not."""
+    xs, rs = x.shape, reshape.outputs[0].shape
+    if xs is None or xs.rank != 3:
+        return f"'{x.name}' is not known to be 3-D ([batch, sequence, hidden])"
+    if rs is None or rs.rank != 4:
+        return f"the head split of '{x.name}' is not known to be 4-D"
+    heads, size = rs.dims[2], rs.dims[3]
+    if not isinstance(heads, int) or not isinstance(size, int) or xs.dims[2] != heads * size:
+        return (f"the head split of '{x.name}' {list(xs.dims)} -> {list(rs.dims)} does not provably split "
+                "the hidden size into static heads")
+    if not (same_dim(xs.dims[0], rs.dims[0]) and same_dim(xs.dims[1], rs.dims[1])):
+        return f"the head split of '{x.name}' does not provably keep its batch and sequence dims"
+    return heads, size
+
+
+def _scale(kind: str, bindings: dict[str, Any]) -> float | str:
+    if kind == "none":
+        return 1.0
+    factors = [bindings[n] for n in ("scale", "q_scale", "k_scale") if n in bindings]
+    result = 1.0
+    for value in factors:
+        number = scalar_constant(value, 4)
+        if number is None:
+            return f"the scale '{value.name}' is not a one-element float constant"
+        if kind == "div":
+            if number == 0.0:
+                return f"the divisor '{value.name}' is zero"
+            number = 1.0 / number
+        result *= number
+    return result
+
+
+def _causal_reason(causal: ir.Value, fill: ir.Value, seq: ir.Dim) -> str | None:
+    """Why ``Where(causal, scores, fill)`` is not a causal mask over ``seq`` query and key positions."""
+    value = scalar_constant(fill, 4)
+    if value is None or value > MAX_CAUSAL_FILL:
+        return f"the causal fill '{fill.name}' is not a scalar constant <= {MAX_CAUSAL_FILL:g}"
+    array = constant_value(causal)
+    if array is not None:
+        matrix = array.reshape(array.shape[-2:]) if array.ndim >= 2 and array.size == np.prod(array.shape[-2:]) else None
+        if matrix is None or array.dtype != np.bool_:
+            return f"the causal condition '{causal.name}' is not a boolean [S, S] matrix"
+        if matrix.shape[0] != matrix.shape[1] or not isinstance(seq, int) or matrix.shape[0] != seq:
+            return f"the causal condition {list(array.shape)} does not match the sequence length {seq}"
+        if not np.array_equal(matrix, np.tril(np.ones(matrix.shape, dtype=bool))):
+            return f"the causal condition '{causal.name}' is not lower-triangular"
+        return None
+    node = causal.producer
+    if node is not None and node.op_type == "Cast" and node.attr("to", 0) == onnx.TensorProto.BOOL:
+        node = node.inputs[0].producer if node.inputs[0] is not None else None
+    if node is None or node.op_type != "Trilu" or node.attr("upper", 1) != 0:
+        return f"the causal condition '{causal.name}' is neither a constant nor Trilu(upper=0)"
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        k = constant_value(node.inputs[1])
+        if k is None or k.size != 1 or int(k.reshape(-1)[0]) != 0:
+            return "the causal Trilu has a diagonal offset"
+    ones = node.inputs[0]
+    return _all_ones_reason(ones, seq)
+
+
+def _all_ones_reason(value: ir.Value | None, seq: ir.Dim) -> str | None:
+    if value is None:
+        return "the causal Trilu has no input"
+    shape = value.shape
+    if shape is None or shape.rank < 2 or not (same_dim(shape.dims[-1], seq) and same_dim(shape.dims[-2], seq)):
+        return f"the causal Trilu input '{value.name}' is not provably [S, S] with S the sequence length"
+    if any(d != 1 for d in shape.dims[:-2]):
+        return f"the causal Trilu input '{value.name}' has leading dims other than 1"
+    array = constant_value(value)
+    if array is not None:
+        return None if array.size and np.all(array == 1) else f"the causal Trilu input '{value.name}' is not all ones"
+    node = value.producer
+    if node is not None and node.op_type == "ConstantOfShape":
+        filler = node.attr("value", None)
+        if filler is not None and np.all(filler.numpy() == 1):
+            return None
+    return f"the causal Trilu input '{value.name}' is not all ones"
+
+
+def _mask_reason(mask: ir.Value, q: ir.Value) -> str | None:
+    if mask.dtype != q.dtype:
+        return f"the mask '{mask.name}' and the query have different element types"
+    rank = static_rank(mask)
+    if rank is None or rank > 4:
+        return f"the mask '{mask.name}' is not known to have at most 4 dims"
+    return None
+
+
+def _check(scale: str, mask: str) -> Callable[..., Any]:
+    def check(ctx: MatchContext, **b: Any) -> Any:
+        q, k, v = b["q"], b["k"], b["v"]
+        reason = kernel_reason(ctx, "MultiHeadAttention", q)
+        if reason:
+            return Failure(reason)
+        split = []
+        for x, reshape in ((q, b["q_reshape"]), (k, b["k_reshape"]), (v, b["v_reshape"])):
+            heads = _heads(x, reshape)
+            if isinstance(heads, str):
+                return Failure(heads)
+            split.append(heads)
+        if len(set(split)) != 1:
+            return Failure(f"q, k and v are split into different heads: {split}")
+        qs, ks, vs = q.shape.dims, k.shape.dims, v.shape.dims
+        if not (same_dim(qs[0], ks[0]) and same_dim(ks[0], vs[0]) and same_dim(ks[1], vs[1])):
+            return Failure("q, k and v do not provably share the batch size, or k and v the sequence length")
+        out = b["out_reshape"].outputs[0].shape
+        if out is None or out.rank != 3 or not all(same_dim(a, c) for a, c in zip(out.dims, qs)):
+            return Failure("the final Reshape does not provably give back the query's shape [B, S, H]")
+        axis = b["softmax"].attr("axis", -1 if (b["softmax"].version or 13) >= 13 else 1)
+        if axis not in (-1, 3):
+            return Failure(f"Softmax normalizes axis {axis}, not the last axis")
+        factor = _scale(scale, b)
+        if isinstance(factor, str):
+            return Failure(factor)
+        if mask in ("causal", "causal-add"):
+            if not same_dim(qs[1], ks[1]):
+                return Failure("a causal mask needs query and key of one provable length")
+            reason = _causal_reason(b["causal"], b["fill"], qs[1])
+            if reason:
+                return Failure(reason)
+        if mask in ("add", "causal-add"):
+            reason = _mask_reason(b["mask"], q)
+            if reason:
+                return Failure(reason)
+        return True
+
+    return check
+
+
+# -- rewrite -----------------------------------------------------------------------------------------
+def _bias_ready(mask: ir.Value, q: ir.Value, k: ir.Value, heads: int) -> bool:
+    """True when ``mask`` already has the 4-D shape onnxruntime wants for ``attention_bias``."""
+    shape = mask.shape
+    if shape is None or shape.rank != 4:
+        return False
+    b0, b1, b2, b3 = shape.dims
+    return (b0 == 1 or same_dim(b0, q.shape.dims[0])) and b1 in (1, heads) \
+        and same_dim(b2, q.shape.dims[1]) and same_dim(b3, k.shape.dims[1])
+
+
+def _sequence_length(op: Any, ctx_opset: int, x: ir.Value) -> ir.Value:
+    """A 1-D int64 tensor holding ``x.shape[1]`` (a constant when it is static)."""
+    dim = x.shape.dims[1]
+    if isinstance(dim, int):
+        return op.initializer(np.array([dim], dtype=np.int64), name_hint="seq_len")
+    if ctx_opset >= 15:
+        return op.Shape(x, start=1, end=2)
+    one, two = op.initializer(np.array([1], dtype=np.int64), "one"), op.initializer(np.array([2], dtype=np.int64), "two")
+    return op.Slice(op.Shape(x), one, two)
+
+
+def _attention_bias(op: Any, opset: int, mask: ir.Value, q: ir.Value, k: ir.Value) -> ir.Value:
+    """``mask`` broadcast to ``[·, ·, S, L]`` (an ``Expand`` by ``[1, 1, S, L]``)."""
+    s, length = q.shape.dims[1], k.shape.dims[1]
+    if isinstance(s, int) and isinstance(length, int):
+        target = op.initializer(np.array([1, 1, s, length], dtype=np.int64), name_hint="bias_shape")
+    else:
+        ones = op.initializer(np.array([1, 1], dtype=np.int64), name_hint="ones")
+        target = op.Concat(ones, _sequence_length(op, opset, q), _sequence_length(op, opset, k), axis=0)
+    return op.Expand(mask, target)
+
+
+def _rewrite(scale: str, mask: str) -> Callable[..., Any]:
+    def rewrite(op: Any, **b: Any) -> Any:
+        q, k, v = b["q"], b["k"], b["v"]
+        heads = _heads(q, b["q_reshape"])
+        factor = _scale(scale, b)
+        assert not isinstance(heads, str) and not isinstance(factor, str), "checked"
+        inputs: list[ir.Value | None] = [q, k, v]
+        if mask in ("add", "causal-add"):
+            bias = b["mask"]
+            if not _bias_ready(bias, q, k, heads[0]):
+                graph_opset = op.graph.opset_imports()
+                bias = _attention_bias(op, graph_opset.get("", graph_opset.get("ai.onnx", 1)), bias, q, k)
+            inputs += [None, None, bias]
+        unidirectional = 1 if mask in ("causal", "causal-add") else None
+        return op.MultiHeadAttention(*inputs, _domain=CONTRIB_DOMAIN, num_heads=heads[0], scale=float(factor),
+                                     unidirectional=unidirectional)
+
+    return rewrite
+
+
+def _rules() -> RuleSet:
+    rules = []
+    for k_form in K_FORMS:
+        for scale in SCALE_FORMS:
+            for mask in MASK_FORMS:
+                rules.append(Rule(f"mha-{k_form}-{scale}-{mask}", _pattern(k_form, scale, mask),
+                                  _rewrite(scale, mask), check=_check(scale, mask), commute=True))
+    return RuleSet(rules)
+
+
+#: The rules of :class:`ContribAttention`: ``mha-<k form>-<scale form>-<mask form>``.
+ATTENTION_RULES = _rules()
+
+
+class ContribAttention(RewritePass):
+    """Fuse exported multi-head attention blocks into com.microsoft MultiHeadAttention.
+
+    Example:
+        >>> ContribAttention().run(model, PassContext()).counters  # doctest: +SKIP
+        {'mha-one-transpose-div-add': 12}
+    """
+
+    name = "contrib-attention"
+    opt_level = 3
+    requires = frozenset({"shapes-inferred"})
+    preserves = frozenset({"topo-sorted"})
+    rules = ATTENTION_RULES
