@@ -102,7 +102,7 @@ def model_specs(groups: list[str], models_dir: str, site: str) -> list[ModelSpec
                     inputs = {"input_ids": ("randint", _BERT_VOCAB), "attention_mask": ("ones",),
                               "token_type_ids": ("zeros",)}
                 else:
-                    inputs = {"input_ids": ("randint", _GPT2_VOCAB)}
+                    inputs = {"input_ids": ("randint", _GPT2_VOCAB), "attention_mask": ("ones",)}
                 specs.append(ModelSpec(name, group, os.path.join(models_dir, f"{name}.onnx"),
                                        dims={"batch": 1, "sequence": _SEQ_LEN, "s0": 1, "s1": _SEQ_LEN},
                                        inputs=inputs, transformer=(group, 12, 768), export=name))
@@ -210,8 +210,9 @@ def _export(recipe: str, out: str) -> None:
         config = transformers.GPT2Config()
         config.use_cache = False
         model = transformers.GPT2LMHeadModel(config)
-        args = (torch.randint(0, _GPT2_VOCAB, (1, _SEQ_LEN)),)
-        names = ["input_ids"]
+        ids = torch.randint(0, _GPT2_VOCAB, (1, _SEQ_LEN))
+        args = (ids, torch.ones_like(ids))  # with no mask, the export traces packed-sequence logic
+        names = ["input_ids", "attention_mask"]
         outputs = ["logits"]
     else:
         raise SystemExit(f"unknown export recipe '{recipe}'")

@@ -37,6 +37,7 @@ code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-
 .swatch { display: inline-block; width: 11px; height: 11px; margin-right: 4px; vertical-align: -1px; }
 .before { fill: #8c959f; background: #8c959f; } .after { fill: #2da44e; background: #2da44e; }
 .removed { background: #ffebe9; } .added { background: #dafbe1; } .modified { background: #fff8c5; }
+.swatch.context { background: #f6f8fa; border: 1px solid #8c959f; width: 9px; height: 9px; }
 svg text { font: 11px system-ui, sans-serif; fill: #1d2330; }
 svg .node rect { stroke-width: 1.2; } svg .node.removed rect { fill: #ffebe9; stroke: #cf222e; }
 svg .node.added rect { fill: #dafbe1; stroke: #1a7f37; } svg .node.modified rect { fill: #fff8c5; stroke: #9a6700; }
@@ -303,10 +304,12 @@ def _passes_section(data: dict[str, Any]) -> str:
             for i, r in enumerate(data["passes"])]
     body = (_table(["pass", "runs", "changed", "ms", "counters"], rows, numeric={1, 2, 3}, table_id="pass-table")
             if rows else '<p class="meta">No pass ran.</p>')
-    details = (f"<details><summary>Every pass execution ({len(runs)})</summary>"
-               f"{_table(['#', 'pass', 'round', 'changed', 'ms', 'counters'], runs, numeric={0, 2, 4}, table_id='pass-runs')}"
-               "</details>") if runs else ""
-    return (f'<section id="passes"><h2>Passes</h2><p class="meta mono">{_e(data["pipeline"]) or "(empty pipeline)"}</p>'
+    every = _table(["#", "pass", "round", "changed", "ms", "counters"], runs, numeric={0, 2, 4},
+                   table_id="pass-runs")
+    details = (f"<details><summary>Every pass execution ({len(runs)})</summary>{every}</details>"
+               if runs else "")
+    pipeline = _e(data["pipeline"]) or "(empty pipeline)"
+    return (f'<section id="passes"><h2>Passes</h2><p class="meta mono">{pipeline}</p>'
             f"{body}{details}</section>")
 
 
@@ -339,7 +342,8 @@ def _changes_section(data: dict[str, Any], max_nodes: int) -> str:
     head += (f'<p>{ch["nodes_removed"]} node(s) removed, {ch["nodes_added"]} added, '
              f'{ch["nodes_modified"]} rewired or modified, {ch["nodes_kept"]} unchanged.</p>')
     if not (ch["removed"] or ch["added"] or ch["modified"]):
-        return f'<section id="changes"><h2>What changed</h2>{head}<p class="meta">The graph did not change.</p></section>'
+        return (f'<section id="changes"><h2>What changed</h2>{head}'
+                '<p class="meta">The graph did not change.</p></section>')
     status: dict[str, str] = {}
     for key, kind in (("removed", "removed"), ("added", "added"), ("modified", "modified"), ("context", "context")):
         for n in ch[key]:
@@ -358,7 +362,7 @@ def _changes_section(data: dict[str, Any], max_nodes: int) -> str:
         more.append(f"The report lists at most {ch['node_limit']} nodes of each kind; the counts above are complete.")
     legend = ('<p class="legend"><span><i class="swatch removed"></i>removed</span>'
               '<span><i class="swatch added"></i>added</span><span><i class="swatch modified"></i>rewired</span>'
-              '<span><i class="swatch" style="background:#f6f8fa;border:1px solid #8c959f"></i>unchanged neighbour</span></p>')
+              '<span><i class="swatch context"></i>unchanged neighbour</span></p>')
     panels = (f'<div class="panels"><div class="panel"><h3>Before</h3>{before_svg}</div>'
               f'<div class="panel"><h3>After</h3>{after_svg}</div></div>')
     rows, classes = [], []
@@ -392,8 +396,9 @@ def render_html(data: dict[str, Any], *, max_graph_nodes: int = MAX_GRAPH_NODES)
     """
     inp, out = data["input"], data["output"]
     title = f"graphopt {data['command']}: {inp.get('path') or 'model'} \u2192 {out.get('path') or 'model'}"
-    header = (f"<header><h1>{_e(title)}</h1><p class=\"meta\">graphopt {_e(data['graphopt_version'])} \u00b7 "
-              f"target {_e(data['target'])} \u00b7 {_e(data['created'])} \u00b7 schema {_e(data['schema'])}</p></header>")
+    facts = " \u00b7 ".join(_e(x) for x in (f"graphopt {data['graphopt_version']}", f"target {data['target']}",
+                                              data["created"], f"schema {data['schema']}"))
+    header = f'<header><h1>{_e(title)}</h1><p class="meta">{facts}</p></header>'
     body = (header + _summary_section(data) + _passes_section(data) + _charts_sections(data)
             + _changes_section(data, max_graph_nodes) + _messages_section(data))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -7,7 +7,6 @@ on stderr and exit code 2, with no traceback unless ``--debug``; nothing is writ
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -166,12 +165,13 @@ def _same_file(a: str, b: str) -> bool:
 @_guard
 def optimize(input_path: str, output: str, level: int, pipeline: str | None, enable: tuple[str, ...],
              disable: tuple[str, ...], target: str, report_path: str | None, html_path: str | None,
-             time_passes: bool,
-             stats: bool, dump_ir: str | None, verify_each: str | None, bisect_limit: int | None,
+             time_passes: bool, stats: bool, dump_ir: str | None, verify_each: str | None, bisect_limit: int | None,
              load_pass: tuple[str, ...], crash_dir: str | None, external_data: bool | None, seed: int,
              quiet: bool, debug: bool, verbose: bool) -> None:
     """Optimize the ONNX model IN and write it to OUTPUT."""
     from graphopt._api import optimize_model
+    from graphopt._progress import ProgressDisplay
+    from graphopt._report import ChangeTracker, build_optimize_report, check_report_path
     from graphopt.pipeline import PassContext
 
     if not os.path.exists(input_path):
@@ -179,9 +179,6 @@ def optimize(input_path: str, output: str, level: int, pipeline: str | None, ena
     if _same_file(input_path, output) or os.path.abspath(input_path) == os.path.abspath(output):
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input "
                             "(choose another -o)")
-    from graphopt._progress import ProgressDisplay
-    from graphopt._report import ChangeTracker, build_optimize_report, check_report_path
-
     for path, what in ((report_path, "report"), (html_path, "HTML report")):
         if path:  # refuse before any work, so a bad report path never leaves a lone output
             check_report_path(path, what)

@@ -22,7 +22,7 @@ SIMPLIFY = ("eliminate-identity,inline-constant-if,eliminate-no-ops,merge-chains
 
 #: Fusions into standard ONNX ops (any runtime), folds into a producer first.
 FUSIONS = ("fuse-bn-into-conv,fuse-bn-into-gemm,fuse-mul-add-into-conv,fuse-pad,fuse-matmul-add-into-gemm,"
-           "fuse-layer-norm,fuse-rms-norm,fuse-gelu,decompose-batch-norm,fuse-affine-chain")
+           "fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-affine-chain")
 
 PIPELINES: dict[str, str] = {
     "cleanup": CLEANUP,

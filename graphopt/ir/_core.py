@@ -186,7 +186,8 @@ class Value:
             self.name = model.unique_name(old_name + "_old") if model is not None else old_name + "_old"
             target.name = old_name
             if target.type is None or (isinstance(self.type, TensorType) and isinstance(target.type, TensorType)
-                                       and self.type.dtype == target.type.dtype):
+                                       and self.type.dtype == target.type.dtype) \
+                    or (isinstance(self.type, OtherType) and isinstance(target.type, OtherType)):
                 target.type = self.type if target.type is None else _keep_declared(self.type, target.type)
             owner.outputs[:] = [target if v is self else v for v in owner.outputs]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
+from itertools import repeat
 from typing import BinaryIO, Callable, Union
 
 import onnx
@@ -109,17 +110,22 @@ def _has_undecodable_names(model: Model) -> bool:
     fields = [model.producer_name, model.producer_version, model.domain, model.doc_string]
     for fn in model.functions.values():
         fields += [fn.domain, fn.name, fn.overload, fn.doc_string]
-    for g in model.all_graphs():
+    # One walk over the nodes (subgraphs found on the way). Node inputs need no check: each is
+    # a graph input, an initializer or a node output of this or an enclosing graph, all checked.
+    graphs = [model.graph] + [fn.graph for fn in model.functions.values()]
+    while graphs:
+        g = graphs.pop()
         fields += [g.name, g.doc_string]
         fields += [v.name for v in g.inputs] + [v.name for v in g.outputs] + list(g.initializers)
         for node in g:
             fields += [node.name, node.op_type, node.domain, node.overload, node.doc_string]
             fields += [v.name for v in node.outputs]
-            fields += [v.name for v in node.inputs if v is not None]
-        if any(isinstance(f, bytes) for f in fields):
+            if node.attributes:
+                graphs += node.subgraphs()
+        if any(map(isinstance, fields, repeat(bytes))):  # map: no Python frame per name
             return True
         fields = []
-    return any(isinstance(f, bytes) for f in fields)
+    return False
 
 
 # Signatures of files often mistaken for ONNX models: (offset, magic bytes, what the file is).

@@ -33,7 +33,7 @@ def _explicit_defaults(proto, fields: tuple[str, ...]) -> tuple[str, ...]:
     """Fields present in ``proto`` although they hold the default value (proto2 presence)."""
     out = []
     for f in fields:
-        if proto.HasField(f) and not getattr(proto, f):
+        if not getattr(proto, f) and proto.HasField(f):  # the cheap test first
             out.append(f)
     return tuple(out)
 
@@ -129,7 +129,9 @@ class _Reader:
                 if not iname:
                     ins.append(None)
                     continue
-                v = _lookup(scopes, iname)
+                v = scope.get(iname)  # most inputs are defined in this graph
+                if v is None:
+                    v = _lookup(scopes, iname)
                 if v is None:
                     where = f"'{nproto.name}'" if nproto.name else f"#{len(ins)}"
                     raise ModelLoadError(
@@ -137,9 +139,9 @@ class _Reader:
                         f"or initializer of graph '{proto.name}' (or an enclosing scope) defines")
                 ins.append(v)
             node.set_inputs(ins)
+            read_graph = lambda gp, node=node: self.graph(gp, scopes, node)  # noqa: E731
             for aproto in nproto.attribute:
-                attr = attr_from_proto(
-                    aproto, lambda gp, node=node: self.graph(gp, scopes, node), self.tensor)
+                attr = attr_from_proto(aproto, read_graph, self.tensor)
                 node.attributes[attr.name] = attr
 
         for info in proto.output:

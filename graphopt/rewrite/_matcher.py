@@ -376,9 +376,11 @@ def unsafe_reason(match: Match) -> str | None:
     """Why replacing the match would change other computations, or ``None`` when it is safe.
 
     Every output of a matched non-root node (an intermediate) must be read only by matched nodes
-    and must not be a graph output; root outputs beyond those the pattern replaces must be unused.
+    (or by nodes that die with the match, see :func:`_dies_with`) and must not be a graph output;
+    root outputs beyond those the pattern replaces must be unused.
     """
     inside = set(match.nodes)
+    dying: dict[Node, bool] = {}
     for node in match.nodes:
         is_root = node is match.root
         outputs = node.outputs[len(match.outputs):] if is_root else node.outputs
@@ -387,6 +389,28 @@ def unsafe_reason(match: Match) -> str | None:
             if value.is_graph_output():
                 return f"{kind} '{value.name}' is a graph output"
             for user, _ in value.uses():
-                if user not in inside:
+                if user not in inside and not _dies_with(user, inside, dying):
                     return f"{kind} '{value.name}' is used outside the match by {describe_node(user)}"
     return None
+
+
+def _dies_with(node: Node, inside: set[Node], memo: dict[Node, bool], depth: int = 0) -> bool:
+    """True when every output of ``node`` is read only by the match or by nodes that die with it.
+
+    Such readers (typically ``Shape`` nodes computing a matched Reshape's target from an
+    intermediate, or nodes already dead) lose their last reader when the match is replaced, so
+    they keep no intermediate alive in a computation that matters; dead-code removal drops them.
+    """
+    if node in memo:
+        return memo[node]
+    memo[node] = False  # a cycle, or a walk cut short, counts as a live reader
+    if depth > 16 or not node.outputs:
+        return False
+    for out in node.outputs:
+        if out.is_graph_output():
+            return False
+        for user, _ in out.uses():
+            if user not in inside and not _dies_with(user, inside, memo, depth + 1):
+                return False
+    memo[node] = True
+    return True

@@ -56,11 +56,10 @@ from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet, constant_value
 
 from graphopt.passes.contrib._common import CONTRIB_DOMAIN, kernel_reason, same_dim, scalar_constant, static_rank
+from graphopt.passes.contrib._shapes import DimLabels, head_sizes, same_dim_ref
 
-__all__ = ["ContribAttention", "ATTENTION_RULES", "K_FORMS", "SCALE_FORMS", "MASK_FORMS"]
+__all__ = ["ContribAttention", "ATTENTION_RULES", "SCALE_FORMS", "MASK_FORMS"]
 
-#: How ``split(k)ᵀ`` is written.
-K_FORMS = ("one-transpose", "two-transposes")
 #: How the scale is applied.
 SCALE_FORMS = ("div", "mul", "prescale-qk", "prescale-q", "none")
 #: How the mask is applied.
@@ -69,32 +68,31 @@ MASK_FORMS = ("none", "add", "causal", "causal-add")
 MAX_CAUSAL_FILL = -1e4
 
 _HEAD_SPLIT = (0, 2, 1, 3)
+_KEY_SPLIT_T = (0, 2, 3, 1)
 
 
-def _variables(scale: str, mask: str) -> list[str]:
+def _variables(scale: str, mask: str, reshape: bool, guard: bool) -> list[str]:
     names = ["q", "k", "v", "q_shape", "k_shape", "v_shape", "out_shape"]
+    names += ["context_shape"] if reshape else []
+    names += ["zero"] if guard else []
     names += {"div": ["scale"], "mul": ["scale"], "prescale-qk": ["q_scale", "k_scale"],
               "prescale-q": ["q_scale"], "none": []}[scale]
     names += {"none": [], "add": ["mask"], "causal": ["causal", "fill"], "causal-add": ["causal", "fill", "mask"]}[mask]
     return names
 
 
-def _pattern(k_form: str, scale: str, mask: str) -> Callable[..., Any]:
-    names = _variables(scale, mask)
+def _pattern(scale: str, mask: str, reshape: bool, guard: bool) -> Callable[..., Any]:
+    names = _variables(scale, mask, reshape, guard)
 
     def pattern(op: Any, *values: Any) -> Any:
         var = dict(zip(names, values))
-        qh = op.Transpose(op.Reshape(var["q"], var["q_shape"], _name="q_reshape"), perm=_HEAD_SPLIT)
-        k_reshape = op.Reshape(var["k"], var["k_shape"], _name="k_reshape")
-        if k_form == "one-transpose":
-            kt = op.Transpose(k_reshape, perm=(0, 2, 3, 1))
-        else:
-            kt = op.Transpose(op.Transpose(k_reshape, perm=_HEAD_SPLIT), perm=(0, 1, 3, 2))
+        qh = op.Transpose(op.Reshape(var["q"], var["q_shape"], _name="q_reshape"), perm=_HEAD_SPLIT, _name="q_heads")
+        kt = op.Transpose(op.Reshape(var["k"], var["k_shape"], _name="k_reshape"), perm=_KEY_SPLIT_T)
         if scale == "prescale-qk":
             qh, kt = op.Mul(qh, var["q_scale"]), op.Mul(kt, var["k_scale"])
         elif scale == "prescale-q":
             qh = op.Mul(qh, var["q_scale"])
-        scores = op.MatMul(qh, kt, _name="scores")
+        scores = op.MatMul(qh, kt)
         if scale in ("div", "mul"):
             scores = getattr(op, scale.capitalize())(scores, var["scale"])
         if mask in ("causal", "causal-add"):
@@ -102,33 +100,22 @@ def _pattern(k_form: str, scale: str, mask: str) -> Callable[..., Any]:
         if mask in ("add", "causal-add"):
             scores = op.Add(scores, var["mask"])
         probs = op.Softmax(scores, _name="softmax")
+        if guard:
+            probs = op.Where(op.IsNaN(probs), var["zero"], probs)
         vh = op.Transpose(op.Reshape(var["v"], var["v_shape"], _name="v_reshape"), perm=_HEAD_SPLIT)
-        context = op.MatMul(probs, vh)
-        return op.Reshape(op.Transpose(context, perm=_HEAD_SPLIT), var["out_shape"], _name="out_reshape")
+        context = op.MatMul(probs, vh, _name="context")
+        if reshape:
+            context = op.Reshape(context, var["context_shape"], _name="context_reshape")
+        merged = op.Transpose(context, perm=_HEAD_SPLIT, _name="context_t")
+        return op.Reshape(merged, var["out_shape"], _name="out_reshape")
 
     parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["op", *names]]
     pattern.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    pattern.__qualname__ = f"attention_{k_form}_{scale}_{mask}".replace("-", "_")
+    pattern.__qualname__ = _rule_name(scale, mask, reshape, guard).replace("-", "_")
     return pattern
 
 
 # -- checks ------------------------------------------------------------------------------------------
-def _heads(x: ir.Value, reshape: ir.Node) -> tuple[int, int] | str:
-    """``(N, D)`` when ``reshape`` splits ``x [B, S, N·D]`` into ``[B, S, N, D]``, else why not."""
-    xs, rs = x.shape, reshape.outputs[0].shape
-    if xs is None or xs.rank != 3:
-        return f"'{x.name}' is not known to be 3-D ([batch, sequence, hidden])"
-    if rs is None or rs.rank != 4:
-        return f"the head split of '{x.name}' is not known to be 4-D"
-    heads, size = rs.dims[2], rs.dims[3]
-    if not isinstance(heads, int) or not isinstance(size, int) or xs.dims[2] != heads * size:
-        return (f"the head split of '{x.name}' {list(xs.dims)} -> {list(rs.dims)} does not provably split "
-                "the hidden size into static heads")
-    if not (same_dim(xs.dims[0], rs.dims[0]) and same_dim(xs.dims[1], rs.dims[1])):
-        return f"the head split of '{x.name}' does not provably keep its batch and sequence dims"
-    return heads, size
-
-
 def _scale(kind: str, bindings: dict[str, Any]) -> float | str:
     if kind == "none":
         return 1.0
@@ -153,9 +140,9 @@ def _causal_reason(causal: ir.Value, fill: ir.Value, seq: ir.Dim) -> str | None:
         return f"the causal fill '{fill.name}' is not a scalar constant <= {MAX_CAUSAL_FILL:g}"
     array = constant_value(causal)
     if array is not None:
-        matrix = array.reshape(array.shape[-2:]) if array.ndim >= 2 and array.size == np.prod(array.shape[-2:]) else None
-        if matrix is None or array.dtype != np.bool_:
+        if array.dtype != np.bool_ or array.ndim < 2 or array.size != array.shape[-1] * array.shape[-2]:
             return f"the causal condition '{causal.name}' is not a boolean [S, S] matrix"
+        matrix = array.reshape(array.shape[-2:])
         if matrix.shape[0] != matrix.shape[1] or not isinstance(seq, int) or matrix.shape[0] != seq:
             return f"the causal condition {list(array.shape)} does not match the sequence length {seq}"
         if not np.array_equal(matrix, np.tril(np.ones(matrix.shape, dtype=bool))):
@@ -170,8 +157,7 @@ def _causal_reason(causal: ir.Value, fill: ir.Value, seq: ir.Dim) -> str | None:
         k = constant_value(node.inputs[1])
         if k is None or k.size != 1 or int(k.reshape(-1)[0]) != 0:
             return "the causal Trilu has a diagonal offset"
-    ones = node.inputs[0]
-    return _all_ones_reason(ones, seq)
+    return _all_ones_reason(node.inputs[0], seq)
 
 
 def _all_ones_reason(value: ir.Value | None, seq: ir.Dim) -> str | None:
@@ -202,42 +188,81 @@ def _mask_reason(mask: ir.Value, q: ir.Value) -> str | None:
     return None
 
 
-def _check(scale: str, mask: str) -> Callable[..., Any]:
+def _dims(q: ir.Value, k: ir.Value, v: ir.Value, heads: tuple[int, int]) -> DimLabels:
+    """Names of the dims of q, k, v (checked to be ``[B, S, H]``, ``[B, L, H]``, ``[B, L, H]``)."""
+    sizes = {"N": heads[0], "D": heads[1], "H": heads[0] * heads[1]}
+    for name, dim in (("B", q.shape.dims[0]), ("S", q.shape.dims[1]), ("L", k.shape.dims[1])):
+        if isinstance(dim, int):
+            sizes[name] = dim
+    return DimLabels({q: ("B", "S", "H"), k: ("B", "L", "H"), v: ("B", "L", "H")}, sizes)
+
+
+def _structure_reason(b: dict[str, Any], reshape: bool) -> tuple[int, int] | str:
+    """``(N, D)`` when the Reshapes and Transposes provably split and merge heads, else why not."""
+    q, k, v = b["q"], b["k"], b["v"]
+    for x in (q, k, v):
+        if static_rank(x) != 3:
+            return f"'{x.name}' is not known to be 3-D ([batch, sequence, hidden])"
+    split = []
+    for x, node in ((q, b["q_reshape"]), (k, b["k_reshape"]), (v, b["v_reshape"])):
+        heads = head_sizes(x, node)
+        if isinstance(heads, str):
+            return heads
+        split.append(heads)
+    if len(set(split)) != 1:
+        return f"q, k and v are split into different heads: {split}"
+    if not (same_dim_ref((k, 0), (q, 0)) and same_dim_ref((v, 0), (q, 0)) and same_dim_ref((v, 1), (k, 1))):
+        return "q, k and v do not provably share the batch size, or k and v the sequence length"
+    dims = _dims(q, k, v, split[0])
+    checks = [(b["q_reshape"], ("B", "S", "H"), ("B", "S", "N", "D")),
+              (b["k_reshape"], ("B", "L", "H"), ("B", "L", "N", "D")),
+              (b["v_reshape"], ("B", "L", "H"), ("B", "L", "N", "D"))]
+    # The split heads are named too, so targets computed from their shapes are read.
+    dims.labels[b["q_reshape"].outputs[0]] = ("B", "S", "N", "D")
+    dims.labels[b["k_reshape"].outputs[0]] = ("B", "L", "N", "D")
+    dims.labels[b["v_reshape"].outputs[0]] = ("B", "L", "N", "D")
+    dims.labels[b["q_heads"].outputs[0]] = ("B", "N", "S", "D")
+    dims.labels[b["context"].outputs[0]] = ("B", "N", "S", "D")
+    if reshape:
+        dims.labels[b["context_reshape"].outputs[0]] = ("B", "N", "S", "D")
+        checks.append((b["context_reshape"], ("B", "N", "S", "D"), ("B", "N", "S", "D")))
+    dims.labels[b["context_t"].outputs[0]] = ("B", "S", "N", "D")
+    checks.append((b["out_reshape"], ("B", "S", "N", "D"), ("B", "S", "H")))
+    for node, source, target in checks:
+        reason = dims.reshape_reason(node, source, target)
+        if reason:
+            return f"{reason} ({node.op_type} of '{node.inputs[0].name}')"
+    return split[0]
+
+
+def _check(scale: str, mask: str, reshape: bool, guard: bool) -> Callable[..., Any]:
     def check(ctx: MatchContext, **b: Any) -> Any:
-        q, k, v = b["q"], b["k"], b["v"]
+        q, k = b["q"], b["k"]
         reason = kernel_reason(ctx, "MultiHeadAttention", q)
         if reason:
             return Failure(reason)
-        split = []
-        for x, reshape in ((q, b["q_reshape"]), (k, b["k_reshape"]), (v, b["v_reshape"])):
-            heads = _heads(x, reshape)
-            if isinstance(heads, str):
-                return Failure(heads)
-            split.append(heads)
-        if len(set(split)) != 1:
-            return Failure(f"q, k and v are split into different heads: {split}")
-        qs, ks, vs = q.shape.dims, k.shape.dims, v.shape.dims
-        if not (same_dim(qs[0], ks[0]) and same_dim(ks[0], vs[0]) and same_dim(ks[1], vs[1])):
-            return Failure("q, k and v do not provably share the batch size, or k and v the sequence length")
-        out = b["out_reshape"].outputs[0].shape
-        if out is None or out.rank != 3 or not all(same_dim(a, c) for a, c in zip(out.dims, qs)):
-            return Failure("the final Reshape does not provably give back the query's shape [B, S, H]")
-        axis = b["softmax"].attr("axis", -1 if (b["softmax"].version or 13) >= 13 else 1)
+        heads = _structure_reason(b, reshape)
+        if isinstance(heads, str):
+            return Failure(heads)
+        softmax = b["softmax"]
+        axis = softmax.attr("axis", -1 if (softmax.version or 13) >= 13 else 1)
         if axis not in (-1, 3):
             return Failure(f"Softmax normalizes axis {axis}, not the last axis")
         factor = _scale(scale, b)
         if isinstance(factor, str):
             return Failure(factor)
         if mask in ("causal", "causal-add"):
-            if not same_dim(qs[1], ks[1]):
+            if not same_dim_ref((q, 1), (k, 1)):
                 return Failure("a causal mask needs query and key of one provable length")
-            reason = _causal_reason(b["causal"], b["fill"], qs[1])
+            reason = _causal_reason(b["causal"], b["fill"], q.shape.dims[1])
             if reason:
                 return Failure(reason)
         if mask in ("add", "causal-add"):
             reason = _mask_reason(b["mask"], q)
             if reason:
                 return Failure(reason)
+        if guard and scalar_constant(b["zero"], 4) != 0.0:
+            return Failure(f"the NaN guard writes '{b['zero'].name}', not 0")
         return True
 
     return check
@@ -250,18 +275,19 @@ def _bias_ready(mask: ir.Value, q: ir.Value, k: ir.Value, heads: int) -> bool:
     if shape is None or shape.rank != 4:
         return False
     b0, b1, b2, b3 = shape.dims
-    return (b0 == 1 or same_dim(b0, q.shape.dims[0])) and b1 in (1, heads) \
-        and same_dim(b2, q.shape.dims[1]) and same_dim(b3, k.shape.dims[1])
+    return (b0 == 1 or same_dim_ref((mask, 0), (q, 0))) and b1 in (1, heads) \
+        and same_dim_ref((mask, 2), (q, 1)) and same_dim_ref((mask, 3), (k, 1))
 
 
-def _sequence_length(op: Any, ctx_opset: int, x: ir.Value) -> ir.Value:
+def _sequence_length(op: Any, opset: int, x: ir.Value) -> ir.Value:
     """A 1-D int64 tensor holding ``x.shape[1]`` (a constant when it is static)."""
     dim = x.shape.dims[1]
     if isinstance(dim, int):
         return op.initializer(np.array([dim], dtype=np.int64), name_hint="seq_len")
-    if ctx_opset >= 15:
+    if opset >= 15:
         return op.Shape(x, start=1, end=2)
-    one, two = op.initializer(np.array([1], dtype=np.int64), "one"), op.initializer(np.array([2], dtype=np.int64), "two")
+    one = op.initializer(np.array([1], dtype=np.int64), name_hint="one")
+    two = op.initializer(np.array([2], dtype=np.int64), name_hint="two")
     return op.Slice(op.Shape(x), one, two)
 
 
@@ -276,37 +302,114 @@ def _attention_bias(op: Any, opset: int, mask: ir.Value, q: ir.Value, k: ir.Valu
     return op.Expand(mask, target)
 
 
-def _rewrite(scale: str, mask: str) -> Callable[..., Any]:
+def _rewrite(scale: str, mask: str, reshape: bool, guard: bool) -> Callable[..., Any]:
     def rewrite(op: Any, **b: Any) -> Any:
         q, k, v = b["q"], b["k"], b["v"]
-        heads = _heads(q, b["q_reshape"])
+        heads = _structure_reason(b, reshape)
         factor = _scale(scale, b)
         assert not isinstance(heads, str) and not isinstance(factor, str), "checked"
         inputs: list[ir.Value | None] = [q, k, v]
         if mask in ("add", "causal-add"):
             bias = b["mask"]
             if not _bias_ready(bias, q, k, heads[0]):
-                graph_opset = op.graph.opset_imports()
-                bias = _attention_bias(op, graph_opset.get("", graph_opset.get("ai.onnx", 1)), bias, q, k)
+                imports = op.graph.opset_imports()
+                bias = _attention_bias(op, imports.get("", imports.get("ai.onnx", 1)), bias, q, k)
             inputs += [None, None, bias]
         unidirectional = 1 if mask in ("causal", "causal-add") else None
-        return op.MultiHeadAttention(*inputs, _domain=CONTRIB_DOMAIN, num_heads=heads[0], scale=float(factor),
-                                     unidirectional=unidirectional)
+        out = op.MultiHeadAttention(*inputs, _domain=CONTRIB_DOMAIN, num_heads=heads[0], scale=float(factor),
+                                    unidirectional=unidirectional)
+        if guard and mask in ("add", "causal-add") and _finite_reason(b["mask"]) is not None:
+            # A row masked out entirely gives NaN probabilities, which the guard turned into 0, so
+            # that row of the output was 0: keep the guard, on the (NaN) output row instead.
+            zero = op.initializer(np.zeros((), dtype=ir.numpy_dtype(q.dtype)), name_hint="zero")
+            out = op.Where(op.IsNaN(out), zero, out)
+        return out
 
     return rewrite
 
 
+# -- normalizations: other spellings of the key transpose ----------------------------------------------
+def _swapped_heads(op: Any, heads: Any) -> Any:
+    return op.Transpose(heads, perm=(0, 1, 3, 2))
+
+
+def _split_source(heads: ir.Value) -> ir.Value | None:
+    """``x`` when ``heads = Transpose(x, [0, 2, 1, 3])``."""
+    node = heads.producer
+    if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") \
+            or tuple(node.attr("perm", ()) or ()) != _HEAD_SPLIT:
+        return None
+    return node.inputs[0]
+
+
+def _swapped_heads_check(ctx: MatchContext, heads: ir.Value) -> Any:
+    return True if _split_source(heads) is not None else Failure(
+        f"'{heads.name}' is not Transpose(x, perm=[0, 2, 1, 3]) (a head split)")
+
+
+def _key_transpose(op: Any, heads: ir.Value) -> Any:
+    # Read x directly: the split heads may have other (often dead) readers, e.g. Shape nodes.
+    return op.Transpose(_split_source(heads), perm=list(_KEY_SPLIT_T))
+
+
+def _flat_transpose(op: Any, heads: Any, flat_shape: Any, shape: Any) -> Any:
+    flat = op.Reshape(heads, flat_shape, _name="flatten")
+    return op.Reshape(op.Transpose(flat, perm=(0, 2, 1)), shape, _name="unflatten")
+
+
+def _flat_transpose_check(ctx: MatchContext, heads: ir.Value, flatten: ir.Node, unflatten: ir.Node) -> Any:
+    if _split_source(heads) is None:
+        return Failure(f"'{heads.name}' is not Transpose(x, perm=[0, 2, 1, 3]) (a head split)")
+    shape = heads.shape
+    if shape is None or shape.rank != 4:
+        return Failure(f"'{heads.name}' is not known to be 4-D")
+    sizes = {name: dim for name, dim in zip("bnld", shape.dims) if isinstance(dim, int)}
+    dims = DimLabels({heads: ("b", "n", "l", "d")}, sizes)
+    reason = dims.reshape_reason(flatten, ("b", "n", "l", "d"), ("bn", "l", "d")) \
+        or dims.reshape_reason(unflatten, ("bn", "d", "l"), ("b", "n", "d", "l"))
+    return Failure(reason) if reason else True
+
+
+def _finite_reason(value: ir.Value, depth: int = 0) -> str | None:
+    """Why ``value`` may hold an infinity or NaN (``None`` when it provably cannot)."""
+    array = constant_value(value)
+    if array is not None:
+        return None if array.dtype.kind in "biu" or np.all(np.isfinite(array)) else f"'{value.name}' is not finite"
+    node = value.producer
+    if node is None or depth > 8:
+        return f"'{value.name}' is not provably finite"
+    if node.op_type == "Where":
+        return _finite_reason(node.inputs[1], depth + 1) or _finite_reason(node.inputs[2], depth + 1)
+    source = node.inputs[0] if node.inputs else None
+    if node.op_type in ("Expand", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Identity") and source is not None:
+        return _finite_reason(source, depth + 1)
+    if node.op_type == "Cast" and source is not None and source.dtype is not None \
+            and ir.numpy_dtype(source.dtype).kind in "biu":
+        return None
+    return f"'{value.name}' ({node.op_type}) is not provably finite"
+
+
+def _rule_name(scale: str, mask: str, reshape: bool, guard: bool) -> str:
+    return f"mha-{scale}-{mask}{'-reshaped' if reshape else ''}{'-guarded' if guard else ''}"
+
+
 def _rules() -> RuleSet:
-    rules = []
-    for k_form in K_FORMS:
-        for scale in SCALE_FORMS:
-            for mask in MASK_FORMS:
-                rules.append(Rule(f"mha-{k_form}-{scale}-{mask}", _pattern(k_form, scale, mask),
-                                  _rewrite(scale, mask), check=_check(scale, mask), commute=True))
+    rules = [
+        Rule("attention-key-transposes", _swapped_heads, _key_transpose, check=_swapped_heads_check),
+        Rule("attention-key-flat-transpose", _flat_transpose, _key_transpose, check=_flat_transpose_check),
+    ]
+    for guard in (False, True):
+        for reshape in (False, True):
+            for scale in SCALE_FORMS:
+                for mask in MASK_FORMS:
+                    rules.append(Rule(_rule_name(scale, mask, reshape, guard), _pattern(scale, mask, reshape, guard),
+                                      _rewrite(scale, mask, reshape, guard),
+                                      check=_check(scale, mask, reshape, guard), commute=True, benefit=2))
     return RuleSet(rules)
 
 
-#: The rules of :class:`ContribAttention`: ``mha-<k form>-<scale form>-<mask form>``.
+#: The rules of :class:`ContribAttention`: ``mha-<scale form>-<mask form>[-reshaped]`` and the
+#: normalizations ``attention-*`` that turn other spellings into the one the ``mha`` rules match.
 ATTENTION_RULES = _rules()
 
 

@@ -74,6 +74,8 @@ COUNTERS = ("folded-nodes", "new-initializers", "skipped-too-large", "skipped-un
 MAX_ROUNDS = 8
 #: Constants up to this many elements are read as arrays to bound value-sized ops.
 _READ_ELEMENTS = 1 << 16
+#: Operators whose result depends on their input's shape only, never on its values.
+_SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 #: Operators whose result :mod:`._symbolic` can compute from shapes alone.
 _SYMBOLIC_OPS = frozenset({"Shape", "Size", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze",
                            "Cast", "Identity", "Add", "Sub", "Mul", "Div"})
@@ -241,6 +243,12 @@ class _Folder:
             reason = why_not_foldable(node, self.model)
             reads = _reads(node)
             constant_inputs = all(self._is_constant(v, foldable) for v in reads)
+            if not reason and sym is not None and node.op_type in _SHAPE_ONLY_OPS:
+                # Known from the input's shape alone: the input is never evaluated for it.
+                known = self._symbolic_known(node, sym)
+                if known is not None:
+                    foldable[node] = known
+                    continue
             if not reason and constant_inputs:
                 tensor = _constant_node_tensor(node)
                 if tensor is not None:
@@ -312,7 +320,7 @@ class _Folder:
         sizes = self._sizes(graph, foldable)
         excluded: set[ir.Node] = set()
         for node, known in foldable.items():
-            if any(v is not None and v.producer in excluded for v in _reads(node)):
+            if known is None and any(v is not None and v.producer in excluded for v in _reads(node)):
                 excluded.add(node)
                 continue
             if known is not None:
@@ -329,7 +337,7 @@ class _Folder:
                     break
         kept = [n for n in foldable if n not in excluded]
         subgraphs = []
-        for nodes in _connected(kept):
+        for nodes in _connected(kept, foldable):
             sub = self._limit_growth(graph, nodes, foldable, sizes)
             if sub is not None:
                 subgraphs.append(sub)
@@ -449,7 +457,7 @@ class _Folder:
             created = sum(sizes.get(id(v)) or 0 for v in boundary)
             growth = created - self._freed(removed, foldable)
             if growth <= self.max_growth:
-                return _Subgraph(_ancestors(boundary, nodes), removed, boundary)
+                return _Subgraph(_ancestors(boundary, nodes, foldable), removed, boundary)
             # Keep computing the largest new initializer at run time, preferring one that an
             # expanding node makes (ConstantOfShape, Expand, Tile...): what reads it still folds.
             expanding = [v for v in boundary if (sizes.get(id(v)) or 0) > self._read_bytes(v.producer, sizes)]
@@ -707,8 +715,8 @@ def _imports_default(v: ir.Value) -> bool:
     return "" in imports or "ai.onnx" in imports
 
 
-def _connected(nodes: list[ir.Node]) -> list[list[ir.Node]]:
-    """Weakly connected groups of ``nodes`` (edges: one reads another's output), in order."""
+def _connected(nodes: list[ir.Node], foldable: dict[ir.Node, Optional[_Known]]) -> list[list[ir.Node]]:
+    """Weakly connected groups of ``nodes`` (edges: one evaluates with another's output), in order."""
     parent = {n: n for n in nodes}
 
     def find(n: ir.Node) -> ir.Node:
@@ -718,7 +726,7 @@ def _connected(nodes: list[ir.Node]) -> list[list[ir.Node]]:
         return n
 
     for n in nodes:
-        for v in _reads(n):
+        for v in _reads(n) if foldable[n] is None else ():
             if v is not None and v.producer in parent:
                 a, b = find(n), find(v.producer)  # type: ignore[arg-type]
                 if a is not b:
@@ -729,8 +737,12 @@ def _connected(nodes: list[ir.Node]) -> list[list[ir.Node]]:
     return list(groups.values())
 
 
-def _ancestors(values: list[ir.Value], nodes: list[ir.Node]) -> list[ir.Node]:
-    """The nodes of ``nodes`` that ``values`` are computed from (their producers included), in order."""
+def _ancestors(values: list[ir.Value], nodes: list[ir.Node],
+               foldable: dict[ir.Node, Optional[_Known]]) -> list[ir.Node]:
+    """The nodes of ``nodes`` that ``values`` are computed from (their producers included), in order.
+
+    A node whose value is known needs nothing: the walk stops there.
+    """
     inside = set(nodes)
     found: set[ir.Node] = set()
     pending = [v.producer for v in values if v.producer in inside]
@@ -739,7 +751,8 @@ def _ancestors(values: list[ir.Value], nodes: list[ir.Node]) -> list[ir.Node]:
         if n is None or n in found:
             continue
         found.add(n)
-        pending.extend(v.producer for v in _reads(n) if v is not None and v.producer in inside)
+        if foldable[n] is None:
+            pending.extend(v.producer for v in _reads(n) if v is not None and v.producer in inside)
     return [n for n in nodes if n in found]
 
 

@@ -11,9 +11,8 @@ it must not fire:
 * ``fuse-layer-norm`` (:class:`FuseLayerNorm`): decomposed layer norm into LayerNormalization (opset 17+).
 * ``fuse-rms-norm`` (:class:`FuseRmsNorm`): decomposed RMS norm into RMSNormalization (opset 23+).
 * ``fuse-gelu`` (:class:`FuseGelu`): erf and tanh Gelu forms into Gelu (opset 20+).
-* ``decompose-batch-norm`` (:class:`DecomposeBatchNorm`): a BatchNormalization no producer
-  absorbed into Mul + Add.
-* ``fuse-affine-chain`` (:class:`FuseAffineChain`): chains of Mul/Add by constants into one pair.
+* ``fuse-affine-chain`` (:class:`FuseAffineChain`): chains of Mul/Add by constants into one
+  pair, a BatchNormalization before such a chain included.
 
 Every rule folds only constants no caller can override, never changes a tensor that another
 node reads (a folded weight is a new initializer, and a weight read elsewhere is left alone),
@@ -28,7 +27,6 @@ Example:
 from __future__ import annotations
 
 from graphopt.passes.fusion.affine_chain import FuseAffineChain
-from graphopt.passes.fusion.batch_norm import DecomposeBatchNorm
 from graphopt.passes.fusion.conv_affine import FuseMulAddIntoConv
 from graphopt.passes.fusion.conv_bn import FuseBnIntoConv
 from graphopt.passes.fusion.gelu import FuseGelu
@@ -38,10 +36,10 @@ from graphopt.passes.fusion.matmul_add import FuseMatMulAddIntoGemm
 from graphopt.passes.fusion.pad import FusePad
 from graphopt.passes.fusion.rms_norm import FuseRmsNorm
 
-__all__ = ["DecomposeBatchNorm", "FuseAffineChain", "FuseBnIntoConv", "FuseBnIntoGemm", "FuseGelu", "FuseLayerNorm",
+__all__ = ["FuseAffineChain", "FuseBnIntoConv", "FuseBnIntoGemm", "FuseGelu", "FuseLayerNorm",
            "FuseMatMulAddIntoGemm", "FuseMulAddIntoConv", "FusePad", "FuseRmsNorm", "FUSION_PASSES"]
 
 #: The fusion passes in the order the ``fusions`` pipeline group runs them: folds into a
 #: producer before the rules that would otherwise take the node apart.
 FUSION_PASSES = [FuseBnIntoConv, FuseBnIntoGemm, FuseMulAddIntoConv, FusePad, FuseMatMulAddIntoGemm,
-                 FuseLayerNorm, FuseRmsNorm, FuseGelu, DecomposeBatchNorm, FuseAffineChain]
+                 FuseLayerNorm, FuseRmsNorm, FuseGelu, FuseAffineChain]

@@ -15,9 +15,11 @@ import onnx
 from graphopt import ir
 from graphopt.rewrite import MatchContext, constant_value
 
-__all__ = ["FLOAT_DTYPES", "default_opset", "opset_reason", "float_reason", "exclusive_constant",
-           "optional_constant", "static_rank", "channel_vector", "scalar_constant", "close_to",
-           "to_dtype", "checked_constant", "normalized_dims", "reduce_axes", "over_normalized_axes", "batch_norm_reason", "batch_norm_affine", "bias_shape_reason"]
+__all__ = ["FLOAT_DTYPES", "element_type", "default_opset", "opset_reason", "float_reason",
+           "not_constant_reason", "exclusive_constant", "optional_constant", "checked_constant",
+           "static_rank", "channel_vector", "scalar_constant", "close_to", "cast_like", "typed",
+           "combined_size_reason", "normalized_dims", "reduce_axes", "over_normalized_axes",
+           "batch_norm_reason", "batch_norm_affine", "bias_shape_reason"]
 
 #: Element types the fusions rewrite: folding changes rounding, which is acceptable for floats only.
 FLOAT_DTYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
@@ -39,14 +41,36 @@ def opset_reason(ctx: MatchContext, minimum: int, emitted: str) -> str | None:
     return None
 
 
+def element_type(value: ir.Value) -> int | None:
+    """The element type of ``value``, read from its constant when it has no type.
+
+    ``Constant`` outputs in function bodies carry no type: shapes are not inferred there.
+    """
+    if value.dtype is not None:
+        return value.dtype
+    array = constant_value(value)
+    if array is None:
+        return None
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def float_reason(value: ir.Value) -> str | None:
     """Why ``value`` is not a float32/float16/double tensor (``None`` when it is)."""
-    dtype = value.dtype
+    dtype = element_type(value)
     if dtype is None:
         return f"the element type of '{value.name}' is unknown"
     if dtype not in FLOAT_DTYPES:
         return f"'{value.name}' has element type {ir.dtype_name(dtype)}; only float, float16 and double fold"
     return None
+
+
+def not_constant_reason(value: ir.Value, what: str) -> str:
+    """Why ``value`` (known not to be constant) is not: a graph input callers may override, or computed."""
+    kind = "a graph input (callers may override it)" if value.is_graph_input() else "not a constant"
+    return f"{what} '{value.name}' is {kind}"
 
 
 def exclusive_constant(value: ir.Value, what: str) -> np.ndarray | str:
@@ -57,8 +81,7 @@ def exclusive_constant(value: ir.Value, what: str) -> np.ndarray | str:
     """
     array = constant_value(value)
     if array is None:
-        kind = "a graph input (callers may override it)" if value.is_graph_input() else "not a constant"
-        return f"{what} '{value.name}' is {kind}"
+        return not_constant_reason(value, what)
     if value.num_uses > 1:
         return (f"{what} '{value.name}' is shared with {value.num_uses - 1} other use(s); a folded copy "
                 "would store it twice")
@@ -70,9 +93,7 @@ def optional_constant(value: ir.Value | None, what: str) -> np.ndarray | str | N
     if value is None:
         return None
     array = constant_value(value)
-    if array is None:
-        return f"{what} '{value.name}' is not a constant"
-    return array
+    return not_constant_reason(value, what) if array is None else array
 
 
 def static_rank(value: ir.Value) -> int | None:
@@ -134,9 +155,43 @@ def checked_constant(value: ir.Value) -> np.ndarray:
     return array
 
 
-def to_dtype(array: np.ndarray, dtype: int) -> np.ndarray:
-    """``array`` (computed in float64) rounded to the ONNX element type ``dtype``."""
-    return np.asarray(array).astype(ir.numpy_dtype(dtype))
+def _known_type(value: ir.Value) -> int:
+    dtype = element_type(value)
+    if dtype is None:
+        raise AssertionError(f"the element type of '{value.name}' was checked to be known")
+    return dtype
+
+
+def typed(value: ir.Value, like: ir.Value, shape: ir.Shape | None = None) -> ir.Value:
+    """Give ``value``, built by a rewrite, the element type of ``like`` (and ``shape``); return it.
+
+    The driver types only the value that replaces the pattern's root; an intermediate built
+    by the rewrite would otherwise stay untyped, and refused by the next rule's dtype check,
+    until shapes are inferred again.
+    """
+    value.type = ir.TensorType(_known_type(like), shape)
+    return value
+
+
+def cast_like(array: np.ndarray, like: ir.Value) -> np.ndarray:
+    """``array`` (computed in float64) rounded to the element type of ``like``."""
+    return np.asarray(array).astype(ir.numpy_dtype(_known_type(like)))
+
+
+def combined_size_reason(first: Sequence[int], second: Sequence[int]) -> str | None:
+    """Why constants of shapes ``first`` and ``second`` should not be combined into one (``None``: fine).
+
+    Their elementwise product or sum has the broadcast shape, which must not hold more
+    elements than the larger of the two: ``[C,1,1]`` with ``[W]`` would be ``[C,1,W]``.
+    """
+    try:
+        shape = np.broadcast_shapes(tuple(first), tuple(second))
+    except ValueError:
+        return f"constants of shapes {list(first)} and {list(second)} do not broadcast"
+    size = int(np.prod(shape))
+    if size > max(int(np.prod(first)), int(np.prod(second))):
+        return f"combining shapes {list(first)} and {list(second)} would store {size} elements"
+    return None
 
 
 # -- BatchNormalization ------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """``fuse-affine-chain``: consecutive multiplications and additions by constants become one of each.
 
+The pass also holds the rule that splits a BatchNormalization followed by a constant Mul/Add
+into ``Mul`` + ``Add`` (see :mod:`.batch_norm`), which these rules then merge.
+
 Algebra (``a``, ``b``, ``c`` constants; broadcasting is associative, so every form has the
 shape ``broadcast(x, a, b, c)``)::
 
@@ -30,7 +33,9 @@ import numpy as np
 from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet, constant_value
 
-from graphopt.passes.fusion._common import float_reason, to_dtype
+from graphopt.passes.fusion._common import (cast_like, combined_size_reason, element_type, float_reason,
+                                            not_constant_reason, typed)
+from graphopt.passes.fusion.batch_norm import BATCH_NORM_RULES
 
 __all__ = ["FuseAffineChain", "AFFINE_CHAIN_RULES"]
 
@@ -56,9 +61,8 @@ def _constants(x: ir.Value, *values: ir.Value) -> list[np.ndarray] | str:
     for value in values:
         array = constant_value(value)
         if array is None:
-            kind = "a graph input (callers may override it)" if value.is_graph_input() else "not a constant"
-            return f"'{value.name}' is {kind}"
-        if value.dtype != x.dtype:
+            return not_constant_reason(value, "the operand")
+        if element_type(value) != element_type(x):
             return f"'{value.name}' and '{x.name}' have different element types"
         as_float = array.astype(np.float64)
         if not np.all(np.isfinite(as_float)):
@@ -68,14 +72,7 @@ def _constants(x: ir.Value, *values: ir.Value) -> list[np.ndarray] | str:
 
 
 def _growth_reason(first: np.ndarray, second: np.ndarray) -> str | None:
-    try:
-        shape = np.broadcast_shapes(first.shape, second.shape)
-    except ValueError:
-        return f"constants of shapes {list(first.shape)} and {list(second.shape)} do not broadcast"
-    if int(np.prod(shape)) > max(first.size, second.size):
-        return (f"combining shapes {list(first.shape)} and {list(second.shape)} would store "
-                f"{int(np.prod(shape))} elements")
-    return None
+    return combined_size_reason(first.shape, second.shape)
 
 
 def _check_pair(ctx: MatchContext, x: ir.Value, a: ir.Value, c: ir.Value) -> Any:
@@ -103,24 +100,22 @@ def _folded(x: ir.Value, *values: ir.Value) -> list[np.ndarray]:
 
 def _rewrite_mul_mul(op: Any, x: ir.Value, a: ir.Value, c: ir.Value) -> ir.Value:
     first, second = _folded(x, a, c)
-    assert x.dtype is not None
-    return op.Mul(x, op.initializer(to_dtype(first * second, x.dtype), name_hint="scale"))
+    return op.Mul(x, op.initializer(cast_like(first * second, x), name_hint="scale"))
 
 
 def _rewrite_add_add(op: Any, x: ir.Value, a: ir.Value, c: ir.Value) -> ir.Value:
     first, second = _folded(x, a, c)
-    assert x.dtype is not None
-    return op.Add(x, op.initializer(to_dtype(first + second, x.dtype), name_hint="shift"))
+    return op.Add(x, op.initializer(cast_like(first + second, x), name_hint="shift"))
 
 
 def _rewrite_affine(op: Any, x: ir.Value, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
     scale, shift, factor = _folded(x, a, b, c)
-    assert x.dtype is not None
-    scaled = op.Mul(x, op.initializer(to_dtype(scale * factor, x.dtype), name_hint="scale"))
-    return op.Add(scaled, op.initializer(to_dtype(shift * factor, x.dtype), name_hint="shift"))
+    scaled = typed(op.Mul(x, op.initializer(cast_like(scale * factor, x), name_hint="scale")), x)
+    return op.Add(scaled, op.initializer(cast_like(shift * factor, x), name_hint="shift"))
 
 
 AFFINE_CHAIN_RULES = RuleSet([
+    BATCH_NORM_RULES,
     Rule("mul-mul", _mul_mul, _rewrite_mul_mul, check=_check_pair, commute=True),
     Rule("add-add", _add_add, _rewrite_add_add, check=_check_pair, commute=True),
     Rule("affine-mul", _affine_mul, _rewrite_affine, check=_check_affine, commute=True, benefit=2),
@@ -128,12 +123,12 @@ AFFINE_CHAIN_RULES = RuleSet([
 
 
 class FuseAffineChain(RewritePass):
-    """Merge chains of multiplications and additions by constants into one Mul and one Add.
+    """Merge chains of Mul/Add by constants (and a BatchNormalization they follow) into one Mul and one Add.
 
     Example:
         >>> from graphopt.pipeline import PassContext
         >>> FuseAffineChain().run(model, PassContext()).counters  # doctest: +SKIP
-        {'affine-mul': 62, 'add-add': 62}
+        {'batch-norm-to-mul-add': 62, 'affine-mul': 62, 'add-add': 62}
     """
 
     name = "fuse-affine-chain"

@@ -27,8 +27,9 @@ import numpy as np
 from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet, constant_value
 
-from graphopt.passes.fusion._common import (channel_vector, checked_constant, exclusive_constant,
-                                            float_reason, optional_constant, to_dtype)
+from graphopt.passes.fusion._common import (cast_like, channel_vector, checked_constant, element_type,
+                                            exclusive_constant, float_reason, not_constant_reason,
+                                            optional_constant)
 
 __all__ = ["FuseMulAddIntoConv", "CONV_AFFINE_RULES"]
 
@@ -47,7 +48,10 @@ def _conv_bias(conv: ir.Node) -> ir.Value | None:
 
 def _weight_shape(w: ir.Value) -> tuple[int, ...] | None:
     shape = w.shape
-    if shape is None or not shape.is_static():
+    if shape is None:  # an untyped Constant output (function bodies are not shape-inferred)
+        array = constant_value(w)
+        return None if array is None else tuple(array.shape)
+    if not shape.is_static():
         return None
     return tuple(int(d) for d in shape.dims)  # type: ignore[arg-type]
 
@@ -59,8 +63,7 @@ def _per_channel(w: ir.Value, c: ir.Value) -> np.ndarray | str:
         return f"the shape of the weight '{w.name}' is not known"
     constant = constant_value(c)
     if constant is None:
-        kind = "a graph input (callers may override it)" if c.is_graph_input() else "not a constant"
-        return f"'{c.name}' is {kind}"
+        return not_constant_reason(c, "the operand")
     vector = channel_vector(constant, weight_shape[0], len(weight_shape))
     if vector is None:
         return (f"'{c.name}' of shape {list(constant.shape)} does not hold one value per output channel "
@@ -74,7 +77,7 @@ def _common_reason(w: ir.Value, c: ir.Value, conv: ir.Node) -> str | None:
     reason = float_reason(w) or float_reason(c)
     if reason:
         return reason
-    if w.dtype != c.dtype:
+    if element_type(w) != element_type(c):
         return f"'{w.name}' and '{c.name}' have different element types"
     bias = optional_constant(_conv_bias(conv), "the Conv bias")
     return bias if isinstance(bias, str) else None
@@ -105,27 +108,23 @@ def _old_bias(conv: ir.Node, channels: int) -> np.ndarray:
 
 
 def _rewrite_mul(op: Any, x: ir.Value, w: ir.Value, c: ir.Value, conv: ir.Node) -> ir.Value:
-    dtype = w.dtype
-    assert dtype is not None
     vector = _per_channel(w, c)
     assert not isinstance(vector, str), vector
     factors = vector.astype(np.float64)
     weight = checked_constant(w).astype(np.float64)
     new_weight = weight * factors.reshape((-1,) + (1,) * (weight.ndim - 1))
-    inputs = [x, op.initializer(to_dtype(new_weight, dtype), name_hint=f"{w.name}_scaled")]
+    inputs = [x, op.initializer(cast_like(new_weight, w), name_hint=f"{w.name}_scaled")]
     if _conv_bias(conv) is not None:
         new_bias = _old_bias(conv, factors.shape[0]) * factors
-        inputs.append(op.initializer(to_dtype(new_bias, dtype), name_hint=f"{w.name}_scaled_bias"))
+        inputs.append(op.initializer(cast_like(new_bias, w), name_hint=f"{w.name}_scaled_bias"))
     return op.node("Conv", inputs, dict(conv.attributes))
 
 
 def _rewrite_add(op: Any, x: ir.Value, w: ir.Value, c: ir.Value, conv: ir.Node) -> ir.Value:
-    dtype = w.dtype
-    assert dtype is not None
     vector = _per_channel(w, c)
     assert not isinstance(vector, str), vector
     new_bias = _old_bias(conv, vector.shape[0]) + vector.astype(np.float64)
-    bias = op.initializer(to_dtype(new_bias, dtype), name_hint=f"{w.name}_bias")
+    bias = op.initializer(cast_like(new_bias, w), name_hint=f"{w.name}_bias")
     return op.node("Conv", [x, w, bias], dict(conv.attributes))
 
 

@@ -31,8 +31,8 @@ import numpy as np
 from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet
 
-from graphopt.passes.fusion._common import (batch_norm_affine, checked_constant, exclusive_constant,
-                                            float_reason, optional_constant, to_dtype)
+from graphopt.passes.fusion._common import (batch_norm_affine, cast_like, checked_constant,
+                                            exclusive_constant, float_reason, optional_constant)
 
 __all__ = ["FuseBnIntoConv", "CONV_BN_RULES", "scale_output_channels"]
 
@@ -100,17 +100,15 @@ def scale_output_channels(conv: ir.Node, weight: np.ndarray, scale: np.ndarray) 
 
 def _rewrite(op: Any, x: ir.Value, w: ir.Value, conv: ir.Node, bn: ir.Node) -> ir.Value:
     weight = checked_constant(w)
-    dtype = w.dtype
-    assert dtype is not None
     channels = _output_channels(conv, weight)
     affine = batch_norm_affine(bn, channels)
     assert not isinstance(affine, str), affine
     scale, shift = affine
     old_bias = _conv_bias(conv)
     bias = np.zeros(channels) if old_bias is None else checked_constant(old_bias).astype(np.float64)
-    new_weight = op.initializer(to_dtype(scale_output_channels(conv, weight.astype(np.float64), scale), dtype),
+    new_weight = op.initializer(cast_like(scale_output_channels(conv, weight.astype(np.float64), scale), w),
                                 name_hint=f"{w.name}_bn")
-    new_bias = op.initializer(to_dtype(bias * scale + shift, dtype), name_hint=f"{w.name}_bn_bias")
+    new_bias = op.initializer(cast_like(bias * scale + shift, w), name_hint=f"{w.name}_bn_bias")
     return op.node(conv.op_type, [x, new_weight, new_bias], dict(conv.attributes))
 
 

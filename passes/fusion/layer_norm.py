@@ -37,8 +37,9 @@ import numpy as np
 from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet, constant_value
 
-from graphopt.passes.fusion._common import (float_reason, normalized_dims, opset_reason, over_normalized_axes,
-                                            reduce_axes, scalar_constant, static_rank, to_dtype)
+from graphopt.passes.fusion._common import (cast_like, element_type, float_reason, normalized_dims,
+                                            opset_reason, over_normalized_axes, reduce_axes, scalar_constant,
+                                            static_rank)
 
 __all__ = ["FuseLayerNorm", "LAYER_NORM_RULES", "normalization_core_reason"]
 
@@ -127,8 +128,8 @@ def _rewrite_core(op: Any, x: ir.Value, eps: ir.Value, mean: ir.Node, var: ir.No
     assert not isinstance(core, str), core
     k, epsilon = core
     dims = normalized_dims(x, -k)
-    assert not isinstance(dims, str) and x.dtype is not None
-    scale = op.initializer(to_dtype(np.ones(dims), x.dtype), name_hint="layer_norm_scale")
+    assert not isinstance(dims, str)
+    scale = op.initializer(cast_like(np.ones(dims), x), name_hint="layer_norm_scale")
     return op.LayerNormalization(x, scale, axis=-k, epsilon=epsilon)
 
 
@@ -157,7 +158,7 @@ def affine_operands(x: ir.Value, norm: ir.Node, factor: ir.Value
     dims = normalized_dims(x, int(norm.attr("axis", -1)))
     if isinstance(dims, str):
         return dims
-    if factor.dtype != x.dtype:
+    if element_type(factor) != element_type(x):
         return f"'{factor.name}' and '{x.name}' have different element types"
     arrays: list[np.ndarray | None] = []
     for value, what, within in ((norm.inputs[1] if len(norm.inputs) > 1 else None, "scale", len(dims)),
@@ -196,20 +197,20 @@ def _check_add(ctx: MatchContext, x: ir.Value, beta: ir.Value, ln: ir.Node) -> A
 
 def _rewrite_mul(op: Any, x: ir.Value, gamma: ir.Value, ln: ir.Node) -> ir.Value:
     found = affine_operands(x, ln, gamma)
-    assert not isinstance(found, str) and x.dtype is not None, found
+    assert not isinstance(found, str), found
     scale, bias, factor = found
-    inputs = [x, op.initializer(to_dtype(scale * factor, x.dtype), name_hint="layer_norm_scale")]
+    inputs = [x, op.initializer(cast_like(scale * factor, x), name_hint="layer_norm_scale")]
     if bias is not None:
-        inputs.append(op.initializer(to_dtype(bias * factor, x.dtype), name_hint="layer_norm_bias"))
+        inputs.append(op.initializer(cast_like(bias * factor, x), name_hint="layer_norm_bias"))
     return op.node("LayerNormalization", inputs, dict(ln.attributes))
 
 
 def _rewrite_add(op: Any, x: ir.Value, beta: ir.Value, ln: ir.Node) -> ir.Value:
     found = affine_operands(x, ln, beta)
-    assert not isinstance(found, str) and x.dtype is not None, found
+    assert not isinstance(found, str), found
     scale, bias, shift = found
     new_bias = shift if bias is None else bias + shift
-    inputs = [x, ln.inputs[1], op.initializer(to_dtype(new_bias, x.dtype), name_hint="layer_norm_bias")]
+    inputs = [x, ln.inputs[1], op.initializer(cast_like(new_bias, x), name_hint="layer_norm_bias")]
     return op.node("LayerNormalization", inputs, dict(ln.attributes))
 
 

@@ -28,9 +28,9 @@ import numpy as np
 from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet
 
-from graphopt.passes.fusion._common import (batch_norm_affine, checked_constant, exclusive_constant,
-                                            float_reason, opset_reason, optional_constant, static_rank,
-                                            to_dtype)
+from graphopt.passes.fusion._common import (batch_norm_affine, cast_like, checked_constant,
+                                            exclusive_constant, float_reason, opset_reason, optional_constant,
+                                            static_rank)
 
 __all__ = ["FuseBnIntoGemm", "LINEAR_BN_RULES"]
 
@@ -97,23 +97,19 @@ def _fold(b: ir.Value, trans_b: int, bn: ir.Node) -> tuple[np.ndarray, np.ndarra
 
 
 def _rewrite_gemm(op: Any, a: ir.Value, b: ir.Value, gemm: ir.Node, bn: ir.Node) -> ir.Value:
-    dtype = b.dtype
-    assert dtype is not None
     weight, scale, shift = _fold(b, gemm.attr("transB", 0), bn)
     old_c = gemm.inputs[2] if len(gemm.inputs) > 2 else None
     c = 0.0 if old_c is None else checked_constant(old_c).astype(np.float64) * float(gemm.attr("beta", 1.0))
     new_c = np.asarray(c) * scale + shift
     attributes = {k: v for k, v in gemm.attributes.items() if k != "beta"}
-    return op.Gemm(a, op.initializer(to_dtype(weight, dtype), name_hint=f"{b.name}_bn"),
-                   op.initializer(to_dtype(new_c, dtype), name_hint=f"{b.name}_bn_bias"), **attributes)
+    return op.Gemm(a, op.initializer(cast_like(weight, b), name_hint=f"{b.name}_bn"),
+                   op.initializer(cast_like(new_c, b), name_hint=f"{b.name}_bn_bias"), **attributes)
 
 
 def _rewrite_matmul(op: Any, a: ir.Value, b: ir.Value, bn: ir.Node) -> ir.Value:
-    dtype = b.dtype
-    assert dtype is not None
     weight, _, shift = _fold(b, 0, bn)
-    return op.Gemm(a, op.initializer(to_dtype(weight, dtype), name_hint=f"{b.name}_bn"),
-                   op.initializer(to_dtype(shift, dtype), name_hint=f"{b.name}_bn_bias"))
+    return op.Gemm(a, op.initializer(cast_like(weight, b), name_hint=f"{b.name}_bn"),
+                   op.initializer(cast_like(shift, b), name_hint=f"{b.name}_bn_bias"))
 
 
 LINEAR_BN_RULES = RuleSet([

@@ -25,7 +25,7 @@ from typing import Any
 from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet, constant_value
 
-from graphopt.passes.fusion._common import bias_shape_reason, float_reason, opset_reason
+from graphopt.passes.fusion._common import bias_shape_reason, float_reason, not_constant_reason, opset_reason
 
 __all__ = ["FuseMatMulAddIntoGemm", "MATMUL_ADD_RULES"]
 
@@ -47,8 +47,7 @@ def _check(ctx: MatchContext, a: ir.Value, b: ir.Value, c: ir.Value) -> Any:
         return Failure(f"A '{a.name}' has rank {rank}; Gemm needs rank 2")
     weight = constant_value(b)
     if weight is None:
-        kind = "a graph input (callers may override it)" if b.is_graph_input() else "not a constant"
-        return Failure(f"B '{b.name}' is {kind}")
+        return Failure(not_constant_reason(b, "B"))
     if weight.ndim != 2:
         return Failure(f"B '{b.name}' has rank {weight.ndim}; Gemm needs rank 2")
     c_shape = c.shape

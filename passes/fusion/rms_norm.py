@@ -33,7 +33,7 @@ import numpy as np
 from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet
 
-from graphopt.passes.fusion._common import normalized_dims, opset_reason, to_dtype
+from graphopt.passes.fusion._common import cast_like, normalized_dims, opset_reason
 from graphopt.passes.fusion.layer_norm import affine_operands, normalization_core_reason
 
 __all__ = ["FuseRmsNorm", "RMS_NORM_RULES"]
@@ -76,8 +76,8 @@ def _rewrite_core(op: Any, x: ir.Value, eps: ir.Value, mean: ir.Node, two: ir.Va
     assert not isinstance(core, str), core
     k, epsilon = core
     dims = normalized_dims(x, -k)
-    assert not isinstance(dims, str) and x.dtype is not None
-    scale = op.initializer(to_dtype(np.ones(dims), x.dtype), name_hint="rms_norm_scale")
+    assert not isinstance(dims, str)
+    scale = op.initializer(cast_like(np.ones(dims), x), name_hint="rms_norm_scale")
     return op.RMSNormalization(x, scale, axis=-k, epsilon=epsilon)
 
 
@@ -92,9 +92,9 @@ def _check_mul(ctx: MatchContext, x: ir.Value, gamma: ir.Value, rms: ir.Node) ->
 
 def _rewrite_mul(op: Any, x: ir.Value, gamma: ir.Value, rms: ir.Node) -> ir.Value:
     found = affine_operands(x, rms, gamma)
-    assert not isinstance(found, str) and x.dtype is not None, found
+    assert not isinstance(found, str), found
     scale, _, factor = found
-    new_scale = op.initializer(to_dtype(scale * factor, x.dtype), name_hint="rms_norm_scale")
+    new_scale = op.initializer(cast_like(scale * factor, x), name_hint="rms_norm_scale")
     return op.node("RMSNormalization", [x, new_scale], dict(rms.attributes))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -10,9 +10,21 @@ import onnx
 from graphopt import ir
 from graphopt.rewrite import constant_value
 
-__all__ = ["STANDARD_DOMAINS", "INT_MAX", "is_default_domain", "int_list", "dims_of", "node_axes",
-           "axes_given", "normalize_axes", "broadcast_keeps_shape", "is_full_shape_of", "AXES_ABSENT",
-           "pinned_outputs", "training_names"]
+__all__ = [
+    "AXES_ABSENT",
+    "INT_MAX",
+    "STANDARD_DOMAINS",
+    "axes_given",
+    "broadcast_keeps_shape",
+    "dims_of",
+    "int_list",
+    "is_default_domain",
+    "is_full_shape_of",
+    "node_axes",
+    "normalize_axes",
+    "pinned_outputs",
+    "training_names",
+]
 
 #: Domains whose operator semantics the simplification passes know.
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -55,20 +67,26 @@ def node_axes(node: ir.Node, *, input_since: int, input_index: int = 1,
     """The ``axes`` of a node in the form its opset uses: an attribute before ``input_since``, an input after.
 
     Returns the axes, :data:`AXES_ABSENT` (an empty tuple) when the node gives none at all, or
-    ``None`` when they are not known (an input that is not a constant, an unknown opset).
+    ``None`` when they are not known (an input that is not a constant, an unknown opset, or the
+    form of another opset: an axes input before ``input_since``, an attribute from it on).
     Callers that must tell "absent" from "given but empty" check the node themselves.
     """
     version = node.version
     if version is None:
         return None
+    has_input = len(node.inputs) > input_index and node.inputs[input_index] is not None
     if version < input_since:
+        if has_input:
+            return None
         axes = node.attr(attribute)
         if axes is None:
             return AXES_ABSENT
         return tuple(int(a) for a in axes)
-    source = node.inputs[input_index] if len(node.inputs) > input_index else None
-    if source is None:
+    if attribute in node.attributes:
+        return None
+    if not has_input:
         return AXES_ABSENT
+    source = node.inputs[input_index]
     values = int_list(source)
     return None if values is None else tuple(values)
 

@@ -27,16 +27,16 @@ When the dropped node's output is a graph output, the kept output takes its name
 from __future__ import annotations
 
 import logging
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any, ClassVar
 
 from graphopt import ir
+from graphopt.passes.simplify._common import (STANDARD_DOMAINS, is_default_domain, pinned_outputs,
+                                              training_names)
 from graphopt.pipeline import Pass, PassContext, PassResult
 from graphopt.rewrite import constant_value
 
-from graphopt.passes.simplify._common import (STANDARD_DOMAINS, is_default_domain, pinned_outputs,
-                                              training_names)
-
-__all__ = ["EliminateCommonSubexpressions", "NONDETERMINISTIC_OPS"]
+__all__ = ["NONDETERMINISTIC_OPS", "EliminateCommonSubexpressions"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class EliminateCommonSubexpressions(Pass):
     opt_level = 2
     requires = frozenset({"topo-sorted"})
     preserves = frozenset({"topo-sorted", "shapes-inferred"})
-    options = {"max_constant_bytes": 1 << 20}
+    options: ClassVar[dict[str, Any]] = {"max_constant_bytes": 1 << 20}
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Merge duplicates graph by graph, parents before their subgraphs."""

@@ -29,10 +29,9 @@ import logging
 from collections import deque
 
 from graphopt import ir
+from graphopt.passes.simplify._common import is_default_domain, pinned_outputs, training_names
 from graphopt.pipeline import Pass, PassContext, PassResult
 from graphopt.rewrite import constant_value
-
-from graphopt.passes.simplify._common import is_default_domain, pinned_outputs, training_names
 
 __all__ = ["InlineConstantIf"]
 

@@ -29,20 +29,16 @@ and intermediates that are graph outputs):
 from __future__ import annotations
 
 import itertools
-import logging
 from typing import Any
 
 import numpy as np
 import onnx
 
 from graphopt import ir
+from graphopt.passes.simplify._common import dims_of, int_list, node_axes, normalize_axes
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet
 
-from graphopt.passes.simplify._common import dims_of, int_list, node_axes, normalize_axes
-
-__all__ = ["MergeChains", "MERGE_CHAIN_RULES", "is_exact_widening"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["MERGE_CHAIN_RULES", "MergeChains", "is_exact_widening"]
 
 CheckResult = Any  # True, None or a Failure
 

@@ -36,20 +36,16 @@ its own name).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 
 from graphopt import ir
+from graphopt.passes.simplify._common import (INT_MAX, axes_given, broadcast_keeps_shape, dims_of, int_list,
+                                              is_full_shape_of, node_axes, normalize_axes)
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet
 
-from graphopt.passes.simplify._common import (INT_MAX, axes_given, broadcast_keeps_shape, dims_of,
-                                              int_list, is_full_shape_of, node_axes, normalize_axes)
-
-__all__ = ["EliminateNoOps", "NO_OP_RULES"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["NO_OP_RULES", "EliminateNoOps"]
 
 CheckResult = Any  # True, None or a Failure
 
@@ -165,14 +161,14 @@ def _check_unsqueeze(ctx: MatchContext, node: ir.Node) -> CheckResult:
         return Failure("Unsqueeze has no axes")
     axes = node_axes(node, input_since=13)
     if axes is None:
-        return Failure("the axes are not a constant")
+        return Failure("the axes are not a constant, or in the form of another opset")
     return True if not axes else Failure("Unsqueeze adds dims")
 
 
 def _check_squeeze(ctx: MatchContext, x: ir.Value, node: ir.Node) -> CheckResult:
     axes = node_axes(node, input_since=13)
     if axes is None:
-        return Failure("the axes are not a constant")
+        return Failure("the axes are not a constant, or in the form of another opset")
     if axes:
         return Failure("Squeeze removes the dims it names")
     # No axes (or an empty list): every dim of size 1 goes.
@@ -207,6 +203,8 @@ def _check_pad(ctx: MatchContext, node: ir.Node) -> CheckResult:
         mode = mode.decode(errors="replace")
     if mode != "constant":
         return Failure(f"mode is '{mode}'")
+    if (version < 11 and len(node.inputs) > 1) or (version >= 11 and "pads" in node.attributes):
+        return Failure(f"Pad has the form of another opset than {version}")
     if version < 11:
         pads = node.attr("pads")
         pads = None if pads is None else [int(p) for p in pads]
@@ -220,7 +218,10 @@ def _check_pad(ctx: MatchContext, node: ir.Node) -> CheckResult:
 # -- Slice -------------------------------------------------------------------------------------
 def _slice_parameters(node: ir.Node) -> tuple[list[int], list[int], list[int] | None, list[int] | None] | str:
     """(starts, ends, axes or None, steps or None), or why they are not known constants."""
-    if (node.version or 0) < 10:
+    version = node.version or 0
+    if (version < 10 and len(node.inputs) > 1) or (version >= 10 and "starts" in node.attributes):
+        return f"Slice has the form of another opset than {version}"
+    if version < 10:
         starts, ends, axes = node.attr("starts"), node.attr("ends"), node.attr("axes")
         if starts is None or ends is None:
             return "starts or ends are missing"

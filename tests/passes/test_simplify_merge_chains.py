@@ -134,10 +134,10 @@ def test_unsqueeze_pairs_compose_like_numpy(registry: PassRegistry, data: st.Dat
                                 max_size=second_count, unique_by=lambda a: a % final_rank))
     shape = (2, 3, 4)[:rank]
     expected = np.expand_dims(np.expand_dims(np.empty(shape), first), second).shape
-    dims = ",".join(map(str, shape))
+    x_type = f"float[{','.join(map(str, shape))}]" if shape else "float"
     text = f"""
     <ir_version: 8, opset_import: ["" : 13]>
-    g (float[{dims}] x) => (float[{",".join(map(str, expected))}] y) {{
+    g ({x_type} x) => (float[{",".join(map(str, expected))}] y) {{
       a1 = Constant<value = int64[{len(first)}] {{{", ".join(map(str, first))}}}>()
       a = Unsqueeze(x, a1)
       a2 = Constant<value = int64[{len(second)}] {{{", ".join(map(str, second))}}}>()

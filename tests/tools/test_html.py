@@ -104,7 +104,7 @@ def test_html_report_sections_charts_and_no_network_assets(tmp_path):
         counts = {b["data-op"]: int(b["data-count"]) for b in bars}
         expected = Counter(n.op_type for n in model.graph.node)
         assert {op: c for op, c in counts.items() if c} == dict(expected), series
-        assert set(counts) == {n.op_type for n in src.graph.node}
+        assert set(counts) == {n.op_type for m in (src, dst) for n in m.graph.node}
         widths = {b["data-op"]: float(b["width"]) for b in bars}
         assert widths["Identity"] == (0 if series == "after" else pytest.approx(widths["Relu"]))
     # size chart: nodes, initializer bytes and file size, before and after
