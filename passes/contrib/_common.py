@@ -75,12 +75,18 @@ def same_dim(a: ir.Dim, b: ir.Dim) -> bool:
 
 
 def same_shape_reason(a: ir.Value, b: ir.Value) -> str | None:
-    """Why ``a`` and ``b`` are not provably of one shape (same rank, every dim provably equal)."""
+    """Why ``a`` and ``b`` are not provably of one shape (same rank, every dim provably equal).
+
+    Dims unknown to shape inference are compared by where they come from (see
+    :func:`graphopt.passes.contrib._shapes.same_shape`).
+    """
+    from graphopt.passes.contrib._shapes import same_shape
+
     sa, sb = a.shape, b.shape
     if sa is None or sb is None:
         missing = a if sa is None else b
         return f"the shape of '{missing.name}' is unknown"
-    if sa.rank != sb.rank or not all(same_dim(x, y) for x, y in zip(sa.dims, sb.dims)):
+    if not same_shape(a, b):
         return f"'{a.name}' {dims_text(sa.dims)} and '{b.name}' {dims_text(sb.dims)} may differ in shape"
     return None
 

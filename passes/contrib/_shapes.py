@@ -24,7 +24,7 @@ from graphopt.rewrite import constant_value
 from graphopt.passes.contrib._common import same_dim, static_rank
 
 __all__ = ["DimRef", "Element", "shape_elements", "scalar_element", "dim_origin", "same_dim_ref", "DimLabels",
-           "head_sizes"]
+           "head_sizes", "same_shape"]
 
 #: Dim ``j`` of tensor ``t``.
 DimRef = tuple[ir.Value, int]
@@ -32,16 +32,20 @@ DimRef = tuple[ir.Value, int]
 Element = Union[int, DimRef]
 
 _MAX_DEPTH = 24
+#: Ops walked back from one dim at most (about 20 per transformer layer).
+_MAX_ORIGIN_DEPTH = 300
 #: Ops whose output has the shape of their first input.
 _SHAPE_KEEPING_UNARY = frozenset({
-    "Abs", "Cast", "CastLike", "Ceil", "Clip", "Cos", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid",
+    "Abs", "Cast", "CastLike", "Ceil", "IsInf", "IsNaN", "Clip", "Cos", "Elu", "Erf", "Exp", "Floor", "Gelu", "HardSigmoid",
     "HardSwish", "Identity", "LayerNormalization", "LeakyRelu", "Log", "LogSoftmax", "Mish", "Neg", "Not",
     "Reciprocal", "Relu", "RMSNormalization", "Round", "Selu", "Sigmoid", "Sign", "Sin", "Softmax", "Softplus",
     "Softsign", "Sqrt", "Tanh",
 })
 _CONTRIB_SHAPE_KEEPING = frozenset({"Gelu", "FastGelu", "BiasGelu", "SkipLayerNormalization",
                                     "SkipSimplifiedLayerNormalization", "QuickGelu"})
-_ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
+#: Elementwise ops with broadcasting: the output has the dims its inputs agree on.
+_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Mod", "And", "Or", "Xor",
+                          "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "PRelu"})
 
 
 def _is_default(node: ir.Node) -> bool:
@@ -163,23 +167,102 @@ def _slice(node: ir.Node, depth: int) -> list[Element] | None:
     return source[start:end]
 
 
-def dim_origin(value: ir.Value, axis: int) -> DimRef:
+def dim_origin(value: ir.Value, axis: int, memo: dict[tuple[int, int], DimRef] | None = None) -> DimRef:
     """Walk back from dim ``axis`` of ``value`` through ops that keep it; return where it starts.
 
     Followed: unary shape-keeping ops, ``MatMul`` by a constant 2-D weight (every axis but the
-    last), ``Add``/``Sub``/``Mul``/``Div`` with a constant too short to reach ``axis``, and
-    ``Split`` along another axis.
+    last), broadcasting elementwise ops whose non-constant inputs have that dim from one origin
+    (constants too short to reach ``axis`` do not count), reductions over other axes (``keepdims=1``), ``Split``
+    along another axis, ``Gather``, ``Transpose`` (to the permuted axis), ``Reshape`` (to the dim
+    its target names, or the same input dim for a ``0``), and the batch and sequence dims of an
+    attention op's output (its query's).
+
+    Args:
+        memo: results of earlier walks in the same, unchanged graph (makes repeated walks linear).
     """
-    for _ in range(_MAX_DEPTH):
-        node = value.producer
-        rank = static_rank(value)
-        if node is None or rank is None or not 0 <= axis < rank:
-            break
-        source = _kept_from(node, value, axis, rank)
-        if source is None:
-            break
-        value = source
-    return value, axis
+    return _origin(value, axis, {} if memo is None else memo, 0)
+
+
+def _origin(value: ir.Value, axis: int, memo: dict[tuple[int, int], DimRef], depth: int) -> DimRef:
+    key = (id(value), axis)
+    found = memo.get(key)
+    if found is not None:
+        return found
+    memo[key] = (value, axis)  # provisional: a cycle or a cut walk ends here
+    step = _step(value, axis, memo, depth) if depth < _MAX_ORIGIN_DEPTH else None
+    result = (value, axis) if step is None else _origin(step[0], step[1], memo, depth + 1)
+    memo[key] = result
+    return result
+
+
+def _step(value: ir.Value, axis: int, memo: dict[tuple[int, int], DimRef], depth: int) -> DimRef | None:
+    node = value.producer
+    rank = static_rank(value)
+    if node is None or rank is None or not 0 <= axis < rank:
+        return None
+    source = _kept_from(node, value, axis, rank)
+    if source is not None:
+        return source, axis
+    moved = _moved_from(node, value, axis, rank)
+    if moved is not None:
+        return moved
+    if not _is_default(node):
+        return None
+    if node.op_type in _ELEMENTWISE:
+        return _broadcast_origin(node, axis, rank, memo, depth)
+    if node.op_type.startswith("Reduce") and node.attr("keepdims", 1) == 1 and node.inputs[0] is not None:
+        axes = _reduce_axes(node, rank)
+        return (node.inputs[0], axis) if axes is not None and axis not in axes else None
+    if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[1] is not None:
+        return _gathered(node, axis)
+    return None
+
+
+def _broadcast_origin(node: ir.Node, axis: int, rank: int, memo: dict[tuple[int, int], DimRef],
+                      depth: int) -> DimRef | None:
+    """The origin of an elementwise output dim: constants too short to reach ``axis`` are ignored,
+    and every other input must have the full rank and that dim from one origin."""
+    origin: DimRef | None = None
+    for value in node.inputs:
+        if value is None:
+            return None
+        array = constant_value(value)
+        if array is not None and array.ndim <= rank - axis - 1:
+            continue
+        if static_rank(value) != rank:
+            return None
+        found = _origin(value, axis, memo, depth + 1)
+        if origin is None:
+            origin = found
+        elif not (origin[0] is found[0] and origin[1] == found[1]):
+            return None
+    return origin
+
+
+def _reduce_axes(node: ir.Node, rank: int) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = _ints(node.inputs[1])
+    else:
+        attr = node.attr("axes", None)
+        axes = None if attr is None else [int(a) for a in attr]
+    if axes is None:
+        return None  # all axes (or unknown ones)
+    return [a + rank if a < 0 else a for a in axes]
+
+
+def _gathered(node: ir.Node, axis: int) -> DimRef | None:
+    """Output dims of ``Gather``: ``data[:g] + indices + data[g+1:]``."""
+    data, indices = node.inputs[0], node.inputs[1]
+    data_rank, index_rank = static_rank(data), static_rank(indices)
+    if data_rank is None or index_rank is None:
+        return None
+    g = int(node.attr("axis", 0))
+    g = g + data_rank if g < 0 else g
+    if axis < g:
+        return data, axis
+    if axis < g + index_rank:
+        return indices, axis - g
+    return data, axis - index_rank + 1
 
 
 def _kept_from(node: ir.Node, value: ir.Value, axis: int, rank: int) -> ir.Value | None:
@@ -194,14 +277,6 @@ def _kept_from(node: ir.Node, value: ir.Value, axis: int, rank: int) -> ir.Value
     if op == "MatMul" and axis < rank - 1:
         weight = constant_value(node.inputs[1])
         return first if weight is not None and weight.ndim == 2 and static_rank(first) == rank else None
-    if op in _ELEMENTWISE_BINARY:
-        a, b = node.inputs[0], node.inputs[1]
-        for tensor, other in ((a, b), (b, a)):
-            array = constant_value(other)
-            if tensor is not None and array is not None and array.ndim <= rank - axis - 1 \
-                    and static_rank(tensor) == rank:
-                return tensor
-        return None
     if op == "Split":
         split_axis = int(node.attr("axis", 0))
         split_axis = split_axis + rank if split_axis < 0 else split_axis
@@ -209,13 +284,41 @@ def _kept_from(node: ir.Node, value: ir.Value, axis: int, rank: int) -> ir.Value
     return None
 
 
-def same_dim_ref(a: DimRef, b: DimRef) -> bool:
+def _moved_from(node: ir.Node, value: ir.Value, axis: int, rank: int) -> DimRef | None:
+    """Where dim ``axis`` of ``value`` comes from when the op moves or names it (Transpose, Reshape...)."""
+    op = node.op_type
+    first = node.inputs[0] if node.inputs else None
+    if first is None:
+        return None
+    if node.domain == "com.microsoft" and op in ("MultiHeadAttention", "Attention") and axis < 2 \
+            and value.index == 0:
+        return first, axis  # [batch, sequence] of the query (or input)
+    if not _is_default(node):
+        return None
+    if op == "Transpose":
+        perm = node.attr("perm", None)
+        perm = tuple(reversed(range(rank))) if perm is None else tuple(perm)
+        return (first, perm[axis]) if len(perm) == rank else None
+    if op == "Reshape":
+        elements = shape_elements(node.inputs[1] if len(node.inputs) > 1 else None)
+        if elements is None or len(elements) != rank:
+            return None
+        element = elements[axis]
+        if isinstance(element, tuple):
+            return element
+        if element == 0 and not node.attr("allowzero", 0):
+            return first, axis
+    return None
+
+
+def same_dim_ref(a: DimRef, b: DimRef, memo: dict[tuple[int, int], DimRef] | None = None) -> bool:
     """True when two dim references provably hold the same size."""
     if a[0] is b[0] and a[1] == b[1]:
         return True
     if _known_equal(a, b):
         return True
-    origin_a, origin_b = dim_origin(*a), dim_origin(*b)
+    memo = {} if memo is None else memo
+    origin_a, origin_b = dim_origin(a[0], a[1], memo), dim_origin(b[0], b[1], memo)
     return (origin_a[0] is origin_b[0] and origin_a[1] == origin_b[1]) or _known_equal(origin_a, origin_b)
 
 
@@ -241,6 +344,7 @@ class DimLabels:
     def __init__(self, labels: dict[ir.Value, tuple[str, ...]], sizes: dict[str, int]) -> None:
         self.labels = labels
         self.sizes = sizes
+        self._memo: dict[tuple[int, int], DimRef] = {}
 
     def is_dim(self, ref: DimRef, name: str) -> bool:
         """True when the dim ``ref`` points at is provably the dim called ``name``."""
@@ -250,7 +354,7 @@ class DimLabels:
             return True
         for known, names in self.labels.items():
             for j, label in enumerate(names):
-                if label == name and same_dim_ref(ref, (known, j)):
+                if label == name and same_dim_ref(ref, (known, j), self._memo):
                     return True
         return False
 
@@ -325,3 +429,14 @@ def head_sizes(x: ir.Value, reshape: ir.Node) -> tuple[int, int] | str:
         return f"'{x.name}' has hidden size {hidden}, not {heads}x{size}"
     return heads, size
 
+
+
+def same_shape(a: ir.Value, b: ir.Value) -> bool:
+    """True when ``a`` and ``b`` provably have one shape: same known rank, every dim provably equal."""
+    ra, rb = static_rank(a), static_rank(b)
+    if ra is None or ra != rb:
+        return False
+    sa, sb = a.shape, b.shape
+    assert sa is not None and sb is not None
+    memo: dict[tuple[int, int], DimRef] = {}
+    return all(same_dim(x, y) or same_dim_ref((a, i), (b, i), memo) for i, (x, y) in enumerate(zip(sa.dims, sb.dims)))

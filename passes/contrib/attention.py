@@ -56,7 +56,7 @@ from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet, constant_value
 
 from graphopt.passes.contrib._common import CONTRIB_DOMAIN, kernel_reason, same_dim, scalar_constant, static_rank
-from graphopt.passes.contrib._shapes import DimLabels, head_sizes, same_dim_ref
+from graphopt.passes.contrib._shapes import DimLabels, head_sizes, same_dim_ref, shape_elements
 
 __all__ = ["ContribAttention", "ATTENTION_RULES", "SCALE_FORMS", "MASK_FORMS"]
 
@@ -227,12 +227,36 @@ def _structure_reason(b: dict[str, Any], reshape: bool) -> tuple[int, int] | str
         dims.labels[b["context_reshape"].outputs[0]] = ("B", "N", "S", "D")
         checks.append((b["context_reshape"], ("B", "N", "S", "D"), ("B", "N", "S", "D")))
     dims.labels[b["context_t"].outputs[0]] = ("B", "S", "N", "D")
-    checks.append((b["out_reshape"], ("B", "S", "N", "D"), ("B", "S", "H")))
     for node, source, target in checks:
         reason = dims.reshape_reason(node, source, target)
         if reason:
             return f"{reason} ({node.op_type} of '{node.inputs[0].name}')"
+    if dims.reshape_reason(b["out_reshape"], ("B", "S", "N", "D"), ("B", "S", "H")) is not None:
+        reason = _reshape_after_reason(b["out_reshape"])
+        if reason:
+            return reason
     return split[0]
+
+
+def _reshape_after_reason(out_reshape: ir.Node) -> str | None:
+    """Why the final Reshape cannot be applied to the ``[B, S, H]`` output instead of ``[B, S, N, D]``.
+
+    Both hold the same elements in the same order, so any target gives the same result, except
+    a ``0`` past the second position (it copies ``N`` or ``D``, not ``H``).
+    """
+    elements = shape_elements(out_reshape.inputs[1] if len(out_reshape.inputs) > 1 else None)
+    if elements is None:
+        return "the final Reshape target can be read neither as [B, S, H] nor as numbers"
+    if not out_reshape.attr("allowzero", 0) and any(e == 0 for e in elements[2:]):
+        return "the final Reshape copies a head dim (a 0 past the second position)"
+    return None
+
+
+def _merges_heads(b: dict[str, Any], heads: tuple[int, int]) -> bool:
+    """True when the final Reshape provably gives ``[B, S, H]`` (else it is kept after the op)."""
+    dims = _dims(b["q"], b["k"], b["v"], heads)
+    dims.labels[b["context_t"].outputs[0]] = ("B", "S", "N", "D")
+    return dims.reshape_reason(b["out_reshape"], ("B", "S", "N", "D"), ("B", "S", "H")) is None
 
 
 def _check(scale: str, mask: str, reshape: bool, guard: bool) -> Callable[..., Any]:
@@ -318,11 +342,19 @@ def _rewrite(scale: str, mask: str, reshape: bool, guard: bool) -> Callable[...,
         unidirectional = 1 if mask in ("causal", "causal-add") else None
         out = op.MultiHeadAttention(*inputs, _domain=CONTRIB_DOMAIN, num_heads=heads[0], scale=float(factor),
                                     unidirectional=unidirectional)
+        # [B, S, H] like the query: typed here because shape inference has no rule for the op.
+        out.type = ir.TensorType(q.dtype, ir.Shape(q.shape.dims[:2] + (heads[0] * heads[1],)))
+        if not _merges_heads(b, heads):
+            out = op.Reshape(out, b["out_shape"], **b["out_reshape"].attributes)
         if guard and mask in ("add", "causal-add") and _finite_reason(b["mask"]) is not None:
             # A row masked out entirely gives NaN probabilities, which the guard turned into 0, so
             # that row of the output was 0: keep the guard, on the (NaN) output row instead.
             zero = op.initializer(np.zeros((), dtype=ir.numpy_dtype(q.dtype)), name_hint="zero")
-            out = op.Where(op.IsNaN(out), zero, out)
+            nan = op.IsNaN(out)
+            nan.type = ir.TensorType(onnx.TensorProto.BOOL, out.type.shape)
+            guarded = op.Where(nan, zero, out)
+            guarded.type = out.type
+            out = guarded
         return out
 
     return rewrite

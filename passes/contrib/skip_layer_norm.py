@@ -146,7 +146,7 @@ def _sum_operands(ctx: MatchContext, x: ir.Value, emitted: str) -> tuple[ir.Valu
     reason = kernel_reason(ctx, emitted, x)
     if reason:
         return reason
-    reason = same_shape_reason(a, b) or same_shape_reason(a, x)
+    reason = same_shape_reason(a, b)  # then the sum has that shape too
     if reason:
         return f"the residual operands must have one shape: {reason}"
     if static_rank(x) != 3:
@@ -266,6 +266,7 @@ def _emit(op: Any, x: ir.Value, emitted: str, gamma: ir.Value, beta: ir.Value | 
     outputs = op.node(emitted, inputs, {"epsilon": float(epsilon)}, domain=CONTRIB_DOMAIN, num_outputs=4)
     outputs[1].name = ""  # mean and inverse standard deviation: training outputs, never read
     outputs[2].name = ""
+    outputs[0].type = outputs[3].type = x.type  # the normalized value and the sum: the sum's type
     node = outputs[0].producer
     node.meta[SUM_KEY] = x
     return outputs[0]

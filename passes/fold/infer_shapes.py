@@ -2,7 +2,8 @@
 
 Two stages:
 
-1. onnx shape inference (``strict_mode=False``, ``data_prop=True``) on a *light* copy of the
+1. onnx shape inference (``strict_mode=False``, ``data_prop=True`` where safe, see
+   ``_onnx_inference``) on a *light* copy of the
    model: initializers over 8 KiB are listed as typed graph inputs instead of carrying their
    bytes, so inference on a multi-gigabyte model serializes only its structure. Small
    initializers keep their data, which data propagation reads (``Reshape`` targets,

@@ -14,10 +14,10 @@ it must not fire:
 * ``fuse-affine-chain`` (:class:`FuseAffineChain`): chains of Mul/Add by constants into one
   pair, a BatchNormalization before such a chain included.
 
-Every rule folds only constants no caller can override, never changes a tensor that another
-node reads (a folded weight is a new initializer, and a weight read elsewhere is left alone),
-and only for float, float16 and double tensors. onnxruntime contrib-op fusions are
-target-specific and live elsewhere.
+Every rule folds only constants no caller can override, never changes a tensor in place (a
+folded weight is a new initializer), does not fold a Conv/Gemm weight that another node also
+reads (the old and the folded copy would both be stored), and rewrites float, float16 and
+double tensors only. onnxruntime contrib-op fusions are target-specific and live elsewhere.
 
 Example:
     >>> import graphopt

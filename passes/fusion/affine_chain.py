@@ -116,9 +116,9 @@ def _rewrite_affine(op: Any, x: ir.Value, a: ir.Value, b: ir.Value, c: ir.Value)
 
 AFFINE_CHAIN_RULES = RuleSet([
     BATCH_NORM_RULES,
-    Rule("mul-mul", _mul_mul, _rewrite_mul_mul, check=_check_pair, commute=True),
-    Rule("add-add", _add_add, _rewrite_add_add, check=_check_pair, commute=True),
-    Rule("affine-mul", _affine_mul, _rewrite_affine, check=_check_affine, commute=True, benefit=2),
+    Rule("merge-mul-mul", _mul_mul, _rewrite_mul_mul, check=_check_pair, commute=True),
+    Rule("merge-add-add", _add_add, _rewrite_add_add, check=_check_pair, commute=True),
+    Rule("merge-affine-mul", _affine_mul, _rewrite_affine, check=_check_affine, commute=True, benefit=2),
 ])
 
 
@@ -128,7 +128,7 @@ class FuseAffineChain(RewritePass):
     Example:
         >>> from graphopt.pipeline import PassContext
         >>> FuseAffineChain().run(model, PassContext()).counters  # doctest: +SKIP
-        {'batch-norm-to-mul-add': 62, 'affine-mul': 62, 'add-add': 62}
+        {'batch-norm-to-mul-add': 62, 'merge-affine-mul': 62, 'merge-add-add': 62}
     """
 
     name = "fuse-affine-chain"

@@ -8,6 +8,8 @@ Algebra::
 Exports write ``x/√2`` as ``Div(x, √2)`` or ``Mul(x, 1/√2)``, ``x³`` as ``Pow(x, 3)`` or
 ``x·x·x``, and the product ``½·x·P`` in three groupings: ``(x·P)·½``, ``(x·½)·P`` and
 ``x·(P·½)``; every Mul and Add may have its operands in either order (the rules commute).
+ONNX's own function body of Gelu (what ``_expanded`` models and function inlining produce)
+adds with a two-input ``Sum`` instead of ``Add``; both are matched.
 
 Constants are read with a relative tolerance of 1e-5 (``√2``, ``1/√2``, ``√(2/π)``,
 ``0.044715``: exporters write them rounded to float32 or fewer digits) and exactly for
@@ -58,24 +60,24 @@ def _times_half(op: Builder, x: Any, p: Any, half: Any, grouping: str) -> Any:
     return op.Mul(x, op.Mul(p, half))
 
 
-def _erf_patterns(grouping: str) -> tuple[Pattern, Pattern]:
+def _erf_patterns(grouping: str, add: str) -> tuple[Pattern, Pattern]:
     def divided(op: Builder, x: Any, root2: Any, one: Any, half: Any) -> Any:
-        return _times_half(op, x, op.Add(op.Erf(op.Div(x, root2)), one), half, grouping)
+        return _times_half(op, x, getattr(op, add)(op.Erf(op.Div(x, root2)), one), half, grouping)
 
     def multiplied(op: Builder, x: Any, inv_root2: Any, one: Any, half: Any) -> Any:
-        return _times_half(op, x, op.Add(op.Erf(op.Mul(x, inv_root2)), one), half, grouping)
+        return _times_half(op, x, getattr(op, add)(op.Erf(op.Mul(x, inv_root2)), one), half, grouping)
 
     return divided, multiplied
 
 
-def _tanh_patterns(grouping: str) -> tuple[Pattern, Pattern]:
+def _tanh_patterns(grouping: str, add: str) -> tuple[Pattern, Pattern]:
     def with_pow(op: Builder, x: Any, three: Any, cubic: Any, root: Any, one: Any, half: Any) -> Any:
-        inner = op.Mul(op.Add(x, op.Mul(op.Pow(x, three), cubic)), root)
-        return _times_half(op, x, op.Add(op.Tanh(inner), one), half, grouping)
+        inner = op.Mul(getattr(op, add)(x, op.Mul(op.Pow(x, three), cubic)), root)
+        return _times_half(op, x, getattr(op, add)(op.Tanh(inner), one), half, grouping)
 
     def with_cube(op: Builder, x: Any, cubic: Any, root: Any, one: Any, half: Any) -> Any:
-        inner = op.Mul(op.Add(x, op.Mul(op.Mul(op.Mul(x, x), x), cubic)), root)
-        return _times_half(op, x, op.Add(op.Tanh(inner), one), half, grouping)
+        inner = op.Mul(getattr(op, add)(x, op.Mul(op.Mul(op.Mul(x, x), x), cubic)), root)
+        return _times_half(op, x, getattr(op, add)(op.Tanh(inner), one), half, grouping)
 
     return with_pow, with_cube
 
@@ -124,14 +126,18 @@ def _rewrite_tanh(op: Builder, x: ir.Value) -> ir.Value:
 
 def _rules() -> list[Rule]:
     rules = []
-    for grouping in ("xp-half", "xhalf-p", "x-phalf"):
-        divided, multiplied = _erf_patterns(grouping)
-        rules.append(Rule(f"gelu-erf-div-{grouping}", divided, _rewrite_erf, check=_check_erf, commute=True))
-        rules.append(Rule(f"gelu-erf-mul-{grouping}", multiplied, _rewrite_erf, check=_check_erf, commute=True))
-    for grouping in ("xp-half", "xhalf-p", "x-phalf"):
-        with_pow, with_cube = _tanh_patterns(grouping)
-        rules.append(Rule(f"gelu-tanh-pow-{grouping}", with_pow, _rewrite_tanh, check=_check_tanh, commute=True))
-        rules.append(Rule(f"gelu-tanh-cube-{grouping}", with_cube, _rewrite_tanh, check=_check_tanh, commute=True))
+    for add, suffix in (("Add", ""), ("Sum", "-sum")):
+        for grouping in ("xp-half", "xhalf-p", "x-phalf"):
+            divided, multiplied = _erf_patterns(grouping, add)
+            rules.append(Rule(f"gelu-erf-div-{grouping}{suffix}", divided, _rewrite_erf, check=_check_erf,
+                              commute=True))
+            rules.append(Rule(f"gelu-erf-mul-{grouping}{suffix}", multiplied, _rewrite_erf, check=_check_erf,
+                              commute=True))
+            with_pow, with_cube = _tanh_patterns(grouping, add)
+            rules.append(Rule(f"gelu-tanh-pow-{grouping}{suffix}", with_pow, _rewrite_tanh, check=_check_tanh,
+                              commute=True))
+            rules.append(Rule(f"gelu-tanh-cube-{grouping}{suffix}", with_cube, _rewrite_tanh, check=_check_tanh,
+                              commute=True))
     return rules
 
 

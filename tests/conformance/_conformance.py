@@ -377,7 +377,7 @@ def first_difference(a: Message, b: Message, path: str = "") -> str | None:
         if va == vb:
             continue
         is_message = desc.type == FieldDescriptor.TYPE_MESSAGE
-        if desc.label == FieldDescriptor.LABEL_REPEATED:
+        if desc.is_repeated:
             for i, (x, y) in enumerate(zip(va, vb)):
                 if x != y:
                     return first_difference(x, y, f"{p}[{i}]") if is_message else f"{p}[{i}]"

@@ -76,7 +76,7 @@ def _never_taken_branch(inner: str) -> onnx.ModelProto:
 @pytest.mark.parametrize("kind,inner", [
     ("constant-of-shape", "big = ConstantOfShape<value = float[1] {1.0}>(s)  r = ReduceSum<keepdims = 0>(big)"),
     ("expand", "two = Constant<value = float[1] {2.0}>()  big = Expand(two, s)  r = ReduceMax<keepdims = 0>(big)"),
-])
+], ids=["constant-of-shape", "expand"])
 def test_huge_constant_in_a_branch_is_not_materialized(tmp_path, kind, inner):
     model = _never_taken_branch(inner)
     _, _, out = _optimize_in_child(tmp_path, model)
@@ -114,7 +114,7 @@ def _shape_feeding(graph: onnx.GraphProto, outer: onnx.GraphProto) -> list[int]:
 @pytest.mark.parametrize("kind,producer", [
     ("constant-of-shape", "big = ConstantOfShape<value = float[1] {1.0}>(s)"),
     ("expand", "one = Constant<value = float[1] {1.0}>()  big = Expand(one, s)"),
-])
+], ids=["constant-of-shape", "expand"])
 def test_shape_of_a_huge_constant_stays_correct(tmp_path, kind, producer):
     """``Shape(huge)`` may be folded to ``[10^6, 10^6]`` without computing ``huge``; or left alone."""
     model = onnx.parser.parse_model(f"""

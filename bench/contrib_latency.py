@@ -1,0 +1,316 @@
+"""Latency of the onnxruntime contrib fusions (``-O3``) and of ``dedup-transposed-initializers``.
+
+Part 1 (``encoder``): a BERT-base-like encoder (hidden 768, 12 heads, FFN 3072; 4 layers by
+default) written with ``onnx.helper`` exactly as ``torch.onnx.export`` (TorchScript exporter,
+opset 14, dynamic batch and sequence) writes HF BERT with eager attention: head splits whose
+Reshape targets are ``Concat(Unsqueeze(Gather(Shape(x), i)), ..., [12], [64])``, a decomposed
+LayerNorm, the Erf Gelu, an additive mask ``(1 − mask)·−10000``. Variants: the original, ``-O2``,
+``-O2`` plus each contrib pass alone, and all contrib passes, each under onnxruntime's CPU provider
+with one thread at ``ORT_ENABLE_ALL`` and ``ORT_DISABLE_ALL``. Runs are interleaved (round-robin
+over the variants) and the median is reported, with the ratio to the original at ``ENABLE_ALL``.
+
+Part 2 (``dedup``): a GPT-2-like model with a tied embedding (``wte [V, H]`` for the lookup, its
+transpose stored again for the LM head), vocabulary 50257 and hidden 768 by default: file size,
+session creation time and latency before and after ``dedup-transposed-initializers`` (and with the
+contrib fusions, which fold the Transpose into a ``FusedMatMul``).
+
+Usage::
+
+    python bench/contrib_latency.py encoder [--layers 4] [--seq 128] [--rounds 30] [--json out.json]
+    python bench/contrib_latency.py dedup [--vocab 50257] [--hidden 768] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import fmt_bytes, fmt_seconds, print_table, write_json  # noqa: E402
+
+import graphopt  # noqa: E402
+from graphopt import ir  # noqa: E402
+from graphopt.passes.contrib import CONTRIB_PASSES  # noqa: E402
+from graphopt.pipeline import PassContext, PassManager, PassRegistry  # noqa: E402
+
+ORT_LEVELS = ("ENABLE_ALL", "DISABLE_ALL")
+
+
+# -- models -------------------------------------------------------------------------------------------
+class _Builder:
+    """Collects nodes and initializers; names values uniquely."""
+
+    def __init__(self, seed: int) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.rng = np.random.default_rng(seed)
+        self.count = 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
+        out = self.name(op_type)
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, array: np.ndarray, hint: str = "c") -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def weight(self, *shape: int, scale: float = 0.02) -> str:
+        return self.const((self.rng.standard_normal(shape) * scale).astype(np.float32), "w")
+
+    def dim(self, x: str, axis: int) -> str:
+        """``Unsqueeze(Gather(Shape(x), axis), [0])``: how the TorchScript exporter reads ``x.size(axis)``."""
+        gathered = self.op("Gather", self.op("Shape", x), self.const(np.array(axis, np.int64)), axis=0)
+        return self.op("Unsqueeze", gathered, self.const(np.array([0], np.int64)))
+
+    def layer_norm(self, x: str, hidden: int) -> str:
+        """The decomposed LayerNorm of opset-14 exports."""
+        axes = [-1]
+        mean = self.op("ReduceMean", x, axes=axes)
+        d = self.op("Sub", x, mean)
+        var = self.op("ReduceMean", self.op("Pow", d, self.const(np.array(2.0, np.float32))), axes=axes)
+        std = self.op("Sqrt", self.op("Add", var, self.const(np.array(1e-12, np.float32))))
+        n = self.op("Div", d, std)
+        gamma = self.const((1 + 0.1 * self.rng.standard_normal(hidden)).astype(np.float32), "gamma")
+        beta = self.const((0.1 * self.rng.standard_normal(hidden)).astype(np.float32), "beta")
+        return self.op("Add", self.op("Mul", n, gamma), beta)
+
+    def linear(self, x: str, fan_in: int, fan_out: int) -> str:
+        return self.op("Add", self.op("MatMul", x, self.weight(fan_in, fan_out)), self.weight(fan_out))
+
+    def gelu(self, x: str) -> str:
+        """``x·(erf(x/√2) + 1)·½`` as the TorchScript exporter writes ``F.gelu``."""
+        erf = self.op("Erf", self.op("Div", x, self.const(np.array(1.4142135, np.float32))))
+        return self.op("Mul", self.op("Mul", x, self.op("Add", erf, self.const(np.array(1.0, np.float32)))),
+                       self.const(np.array(0.5, np.float32)))
+
+
+def build_encoder(layers: int = 4, hidden: int = 768, heads: int = 12, ffn: int = 3072, vocab: int = 30522,
+                  max_positions: int = 512, seed: int = 0) -> onnx.ModelProto:
+    """A BERT-base-like encoder in the TorchScript-export form (see the module docstring)."""
+    b = _Builder(seed)
+    head = hidden // heads
+    ids, mask = "input_ids", "attention_mask"
+    words = b.op("Gather", b.weight(vocab, hidden), ids)
+    seq = b.dim(ids, 1)
+    positions = b.op("Slice", b.const(np.arange(max_positions, dtype=np.int64)[None, :]),
+                     b.const(np.array([0], np.int64)), seq, b.const(np.array([1], np.int64)))
+    h = b.layer_norm(b.op("Add", words, b.op("Gather", b.weight(max_positions, hidden), positions)), hidden)
+    extended = b.op("Cast", b.op("Unsqueeze", mask, b.const(np.array([1, 2], np.int64))), to=TensorProto.FLOAT)
+    additive = b.op("Mul", b.op("Sub", b.const(np.array(1.0, np.float32)), extended),
+                    b.const(np.array(-10000.0, np.float32)))
+    n_heads, size = b.const(np.array([heads], np.int64)), b.const(np.array([head], np.int64))
+    for _ in range(layers):
+        q, k, v = (b.linear(h, hidden, hidden) for _ in range(3))
+
+        def split(x: str, perm: list[int]) -> str:
+            shape = b.op("Concat", b.dim(x, 0), b.dim(x, 1), n_heads, size, axis=0)
+            return b.op("Transpose", b.op("Reshape", x, shape), perm=perm)
+
+        scores = b.op("Div", b.op("MatMul", split(q, [0, 2, 1, 3]), split(k, [0, 2, 3, 1])),
+                      b.const(np.array(np.sqrt(head), np.float32)))
+        probs = b.op("Softmax", b.op("Add", scores, additive), axis=-1)
+        context = b.op("Transpose", b.op("MatMul", probs, split(v, [0, 2, 1, 3])), perm=[0, 2, 1, 3])
+        merged_shape = b.op("Concat", b.dim(context, 0), b.dim(context, 1),
+                            b.const(np.array([hidden], np.int64)), axis=0)
+        attention = b.linear(b.op("Reshape", context, merged_shape), hidden, hidden)
+        h = b.layer_norm(b.op("Add", attention, h), hidden)
+        ff = b.linear(b.gelu(b.linear(h, hidden, ffn)), ffn, hidden)
+        h = b.layer_norm(b.op("Add", ff, h), hidden)
+    b.nodes.append(helper.make_node("Identity", [h], ["last_hidden_state"]))
+    graph = helper.make_graph(
+        b.nodes, "encoder",
+        [helper.make_tensor_value_info(ids, TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info(mask, TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden])],
+        b.inits)
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def build_tied_lm(vocab: int = 50257, hidden: int = 768, seed: int = 0) -> onnx.ModelProto:
+    """GPT-2's tied embedding: ``wte [V, H]`` for the lookup and its transpose ``[H, V]`` for the head.
+
+    Between them one LayerNorm-free block (``tanh(h·W)``) stands for the transformer.
+    """
+    b = _Builder(seed)
+    wte = (b.rng.standard_normal((vocab, hidden)) * 0.02).astype(np.float32)
+    b.inits.append(numpy_helper.from_array(wte, "wte"))
+    b.inits.append(numpy_helper.from_array(np.ascontiguousarray(wte.T), "lm_head_weight"))
+    h = b.op("Gather", "wte", "input_ids")
+    h = b.op("Tanh", b.op("MatMul", h, b.weight(hidden, hidden)))
+    b.nodes.append(helper.make_node("MatMul", [h, "lm_head_weight"], ["logits"]))
+    graph = helper.make_graph(
+        b.nodes, "tied_lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])], b.inits)
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+def optimize(model: onnx.ModelProto, pipeline: str) -> tuple[onnx.ModelProto, float]:
+    """``model`` through a graphopt pipeline (``""``: unchanged); returns it and the seconds taken."""
+    if not pipeline:
+        return model, 0.0
+    start = time.perf_counter()
+    out = graphopt.optimize(model, pipeline=pipeline, level=3)
+    return out, time.perf_counter() - start
+
+
+def session(model: onnx.ModelProto, level: str) -> tuple[Any, float]:
+    """A one-thread CPU session at ``ORT_<level>``, and the seconds its creation took."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_{level}")
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    data = model.SerializeToString()
+    start = time.perf_counter()
+    created = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return created, time.perf_counter() - start
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median CPU seconds of each callable, timed round-robin so drifts hit every variant alike.
+
+    With one intra-op thread onnxruntime computes on the calling thread, so the process CPU time
+    of a run is its cost; unlike wall time it does not count the time a busy machine gives to
+    other processes. Wall medians are stored alongside under ``<name>|wall``.
+    """
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(values) for name, values in cpu.items()}
+    medians.update({f"{name}|wall": statistics.median(values) for name, values in wall.items()})
+    return medians
+
+
+def run_encoder(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 1: the encoder under each variant and ORT level."""
+    source = build_encoder(layers=args.layers)
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 30522, (1, args.seq)).astype(np.int64),
+             "attention_mask": np.ones((1, args.seq), np.int64)}
+    feeds["attention_mask"][0, int(args.seq * 0.9):] = 0
+    variants = {"original": "", "-O2": "O2"}
+    for cls in CONTRIB_PASSES:
+        variants[f"-O2 + {cls.name}"] = f"O2,{cls.name},eliminate-dead-code"
+    variants["-O2 + all contrib"] = "O2," + ",".join(c.name for c in CONTRIB_PASSES) + ",eliminate-dead-code"
+    if args.with_o3:
+        variants["-O3"] = "O3"
+    models, optimize_s, counts = {}, {}, {}
+    for name, pipeline in variants.items():
+        models[name], optimize_s[name] = optimize(source, pipeline)
+        counts[name] = len(models[name].graph.node)
+    reference = None
+    runs: dict[str, Callable[[], Any]] = {}
+    create_s: dict[str, float] = {}
+    for level in ORT_LEVELS:
+        for name, model in models.items():
+            sess, created = session(model, level)
+            create_s[f"{name}|{level}"] = created
+            out = sess.run(None, feeds)[0]
+            if reference is None:
+                reference = out
+            error = float(np.max(np.abs(out - reference)))
+            if error > 1e-3:
+                raise SystemExit(f"{name} at {level}: outputs differ from the original by {error:g}")
+            runs[f"{name}|{level}"] = (lambda s=sess: s.run(None, feeds))
+    medians = interleaved(runs, args.rounds)
+    base = medians["original|ENABLE_ALL"]
+    rows = []
+    for name in variants:
+        row = [name, counts[name]]
+        for level in ORT_LEVELS:
+            key = f"{name}|{level}"
+            row += [fmt_seconds(medians[key]), f"{medians[key] / base:.3f}"]
+        row.append(fmt_seconds(create_s[f"{name}|ENABLE_ALL"]))
+        rows.append(row)
+    print_table(f"BERT-base-like encoder, {args.layers} layers, batch 1, sequence {args.seq}, onnxruntime CPU, "
+                f"1 thread, median CPU time of {args.rounds} interleaved rounds",
+                ["variant", "nodes", "ENABLE_ALL", "/orig", "DISABLE_ALL", "/orig", "session (ALL)"], rows,
+                notes=["/orig: median latency divided by the original model's at ORT_ENABLE_ALL"])
+    return {"encoder": {"layers": args.layers, "seq": args.seq, "rounds": args.rounds,
+                        "median_s": medians, "nodes": counts, "session_s": create_s, "optimize_s": optimize_s}}
+
+
+def run_dedup(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 2: file size, session creation and latency of the tied-embedding model."""
+    source = build_tied_lm(vocab=args.vocab, hidden=args.hidden)
+    variants = {"original": "", "dedup-transposed": "dedup-transposed-initializers",
+                "dedup-transposed + contrib-fused-matmul":
+                    "dedup-transposed-initializers,contrib-fused-matmul,eliminate-dead-code"}
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, args.vocab, (1, args.seq)).astype(np.int64)}
+    rows, result = [], {}
+    runs: dict[str, Callable[[], Any]] = {}
+    info: dict[str, tuple[int, float, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        reference = None
+        for name, pipeline in variants.items():
+            model, seconds = optimize(source, pipeline)
+            path = os.path.join(folder, f"{len(info)}.onnx")
+            onnx.save(model, path)
+            created: dict[str, float] = {}
+            for level in ORT_LEVELS:
+                sess, created[level] = session(model, level)
+                out = sess.run(None, feeds)[0]
+                reference = out if reference is None else reference
+                if not np.array_equal(out, reference) and float(np.max(np.abs(out - reference))) > 1e-4:
+                    raise SystemExit(f"{name} at {level}: outputs differ from the original")
+                runs[f"{name}|{level}"] = (lambda s=sess: s.run(None, feeds))
+            info[name] = (os.path.getsize(path), seconds, created)
+            del model
+        medians = interleaved(runs, args.rounds, warmup=1)
+    for name, (size, seconds, created) in info.items():
+        row = [name, fmt_bytes(size), fmt_seconds(seconds)]
+        for level in ORT_LEVELS:
+            row += [fmt_seconds(created[level]), fmt_seconds(medians[f"{name}|{level}"])]
+        rows.append(row)
+        result[name] = {"bytes": size, "optimize_s": seconds, "session_s": created,
+                        "median_s": {lvl: medians[f"{name}|{lvl}"] for lvl in ORT_LEVELS}}
+    print_table(f"tied embedding, vocabulary {args.vocab}, hidden {args.hidden}, sequence {args.seq}, "
+                f"onnxruntime CPU, 1 thread, median CPU time of {args.rounds} interleaved rounds",
+                ["variant", "file", "optimize", "session ALL", "run ALL", "session DISABLE", "run DISABLE"], rows)
+    return {"dedup": result}
+
+
+def main() -> None:
+    """Parse arguments and run the chosen part."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("part", choices=["encoder", "dedup"])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--with-o3", action="store_true", help="also measure the -O3 preset")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    result = run_encoder(args) if args.part == "encoder" else run_dedup(args)
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
