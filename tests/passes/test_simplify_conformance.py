@@ -1,10 +1,11 @@
 """The simplification passes on every onnx backend node case: outputs must not change.
 
-Every case of ``onnx.backend.test.case.node`` that onnxruntime (graph optimizations off) loads
-and runs goes through ``graphopt.optimize`` with all simplification passes; the outputs must
-equal onnxruntime's on the original within the case's rtol/atol, with zero exceptions. A second
-sweep turns every fed input but the first into an initializer for the cases of the ops the
-rules rewrite, so that shapes, axes, pads and modes are constants and the rules get to decide.
+Every case of ``onnx.backend.test.case.node`` goes through ``graphopt.optimize`` with all
+simplification passes. A model that comes back byte for byte unchanged computes what it did;
+every other one that onnxruntime (graph optimizations off) runs is run before and after, and
+the outputs must agree within the case's rtol/atol, with zero exceptions. A second sweep turns
+every fed input but the first into an initializer for the cases of the ops the rules rewrite,
+so that shapes, axes, pads and modes are constants and the rules get to decide.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def test_every_node_case_keeps_its_outputs(node_cases: list[tuple[str, Case]], r
     """Zero mismatches over the whole node suite; the passes must also have fired somewhere."""
     sweep = _sweep([case for _, case in node_cases], registry)
     assert not sweep.failures, sweep.summary() + "\n" + "\n".join(sweep.failures[:30])
-    assert sweep.scored > 1000, sweep.summary()
+    assert sweep.scored + sweep.unchanged > 1500 and sweep.rewritten_cases > 100, sweep.summary()
     # Inference Dropouts, Casts to the same type and single-input variadics exist in the suite.
     for rule in ("drop-inference-dropout", "drop-same-type-cast", "drop-single-input-sum"):
         assert sweep.counters.get(rule, 0) > 0, sweep.summary()
@@ -208,4 +209,4 @@ def test_node_cases_with_baked_parameters(node_cases: list[tuple[str, Case]], re
     baked = [b for op, case in node_cases if op in REWRITTEN_OPS and (b := _bake_parameters(case)) is not None]
     sweep = _sweep(baked, registry)
     assert not sweep.failures, sweep.summary() + "\n" + "\n".join(sweep.failures[:30])
-    assert sweep.scored > 100 and sweep.rewritten_cases > 0, sweep.summary()
+    assert sweep.scored + sweep.unchanged > 150 and sweep.rewritten_cases > 0, sweep.summary()

@@ -2,7 +2,7 @@
 
 Hypothesis builds small graphs from common ops with random shapes (broadcasting, dead nodes,
 duplicated initializers, constant subgraphs, Cast round trips, Conv/BatchNormalization and
-MatMul/Add chains that fusions target). Each graph is optimized with
+MatMul/Add chains that fusions target, dynamic batch dims, initializers overridable as inputs). Each graph is optimized with
 ``graphopt.optimize(proto, level=3)``; the result must pass ``onnx.checker`` (full check), keep
 input and output names and element types, and compute the same outputs as the original in
 onnxruntime with its own optimizations off. Runs are derandomized, so CI sees the same graphs
@@ -372,11 +372,18 @@ def random_models(draw, ops: list[str], max_nodes: int = 10) -> tuple[onnx.Model
         if symbolic and i == 0:
             dims[0] = "batch"  # declared dynamic; fed with the size the graph was built for
         graph_inputs.append(helper.make_tensor_value_info(v.name, FLOAT, dims))
+    feeds = {v.name: rng.standard_normal(v.shape).astype(np.float32) for v in inputs}
+    overridable = [t for t in b.inits if t.data_type == FLOAT]
+    if overridable and draw(st.integers(0, 4)) == 0:
+        # An initializer that is also a graph input is a default the caller may override: it
+        # must not be folded, deduplicated or dropped. Feed another value to show the difference.
+        init = overridable[draw(st.integers(0, len(overridable) - 1))]
+        graph_inputs.append(helper.make_tensor_value_info(init.name, FLOAT, list(init.dims)))
+        feeds[init.name] = rng.uniform(2.0, 3.0, size=tuple(init.dims)).astype(np.float32)
     outputs = [helper.make_tensor_value_info(v.name, v.dtype, [f"{v.name}_d{i}" for i in range(len(v.shape))]
                                              if symbolic else list(v.shape)) for v in chosen]
     graph = helper.make_graph(b.nodes, "random", graph_inputs, outputs, initializer=b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
-    feeds = {v.name: rng.standard_normal(v.shape).astype(np.float32) for v in inputs}
     return model, feeds
 
 
