@@ -13,7 +13,6 @@ was modified. Node lists are capped (``node_limit``) so a report of a huge model
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import logging
 import os
@@ -324,12 +323,9 @@ def build_optimize_report(outcome: OptimizeOutcome, *, input_path: str | None, o
 
 
 def _version() -> str:
-    try:
-        return importlib.metadata.version("graphopt")
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree
-        from graphopt import __version__
+    from graphopt import __version__  # the package imports this module's users: import late
 
-        return __version__
+    return __version__
 
 
 def check_report_path(path: str | os.PathLike, what: str = "report") -> None:

@@ -23,7 +23,8 @@ from graphopt.passes.fold._symbolic import SymbolicValues
 __all__ = ["infer_node_types", "broadcast_shapes", "refine_type", "contradicts",
            "INFERRED_TYPE", "TYPE_CONFLICT"]
 
-#: ``Value.meta`` key: the type inference found for a graph output (whose declared type stays).
+#: ``Value.meta`` key: the type shape inference proved for a node output (declared types of
+#: outputs and value_info are not checked by runtimes and may be stale).
 INFERRED_TYPE = "inferred_type"
 #: ``Value.meta`` key: set when inference contradicts the value's declared type.
 TYPE_CONFLICT = "type_conflict"

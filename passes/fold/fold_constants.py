@@ -55,6 +55,7 @@ import onnx
 
 from graphopt import ir
 from graphopt.passes.fold._evaluate import Evaluated, EvaluationFailed, evaluate
+from graphopt.passes.fold._onnx_inference import infer_shapes
 from graphopt.passes.fold._policy import captured_values, why_not_foldable
 from graphopt.passes.fold._proto import node_to_proto, subgraph_proto, tensor_proto_of, value_info
 from graphopt.passes.fold._rules import INFERRED_TYPE, TYPE_CONFLICT
@@ -268,17 +269,16 @@ class _Folder:
                 self._skip_unsupported(node, reason)
         return foldable
 
-    def _trusted_shape(self, v: ir.Value) -> Optional[ir.Shape]:
-        """A shape safe to fold ``Shape`` from: declared input shapes (checked by runtimes) and
-        inferred shapes; never a graph output's declared shape, nor one inference contradicts."""
+    @staticmethod
+    def _trusted_shape(v: ir.Value) -> Optional[ir.Shape]:
+        """A shape safe to fold ``Shape`` from: a graph input's declared shape (runtimes check it),
+        a constant's, or one shape inference proved; never a declared output or value_info shape."""
         if v.producer is None:
             return v.shape
-        if v in self.pinned:
-            inferred = v.meta.get(INFERRED_TYPE)
-            return inferred.shape if isinstance(inferred, ir.TensorType) else None
-        if v.meta.get(TYPE_CONFLICT):
+        inferred = v.meta.get(INFERRED_TYPE)
+        if v.meta.get(TYPE_CONFLICT) or not isinstance(inferred, ir.TensorType):
             return None
-        return v.shape
+        return inferred.shape
 
     @staticmethod
     def _is_constant(v: ir.Value | None, foldable: dict[ir.Node, Optional[_Known]]) -> bool:
@@ -396,12 +396,9 @@ class _Folder:
         """onnx shape inference (with data propagation) on the constant nodes alone."""
         outputs = [v for n in nodes for v in n.outputs if v.name]
         proto = self._model_proto(graph, nodes, outputs, foldable, light=True)
-        try:
-            result = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
-                                                       data_prop=True)
-        except Exception as exc:  # noqa: BLE001 - onnx raises several types; sizes then stay unknown
-            logger.debug("shape inference of the constant subgraph failed: %s", exc)
-            return {}
+        result = infer_shapes(proto)
+        if result is None:
+            return {}  # sizes then come from types and operator semantics only
         types = _tensor_types(list(result.graph.value_info) + list(result.graph.output))
         # An If's outputs are those of the branch its (constant) condition takes; inference
         # only knows them when both branches agree.

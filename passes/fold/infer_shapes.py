@@ -2,10 +2,10 @@
 
 Two stages:
 
-1. onnx shape inference (``strict_mode=False``, ``data_prop=True`` where safe, see
-   ``_onnx_inference``) on a *light* copy of the
-   model: initializers over 8 KiB are listed as typed graph inputs instead of carrying their
-   bytes, so inference on a multi-gigabyte model serializes only its structure. Small
+1. onnx shape inference (``strict_mode=False``, ``data_prop=True`` where that is safe, see
+   ``_onnx_inference``) on a *light* copy of the model: initializers over 8 KiB are listed as
+   typed graph inputs instead of carrying their bytes, so inference on a multi-gigabyte model
+   serializes only its structure. Small
    initializers keep their data, which data propagation reads (``Reshape`` targets,
    ``ConstantOfShape`` sizes). The copy leaves out intermediate ``value_info`` and declared
    output shapes, so a stale declaration cannot leak into the results.
@@ -34,6 +34,7 @@ from typing import Optional
 import onnx
 
 from graphopt import ir
+from graphopt.passes.fold._onnx_inference import infer_shapes
 from graphopt.passes.fold._proto import light_model_proto, walk_maps
 from graphopt.passes.fold._rules import (INFERRED_TYPE, TYPE_CONFLICT, contradicts, infer_node_types,
                                          refine_type)
@@ -63,8 +64,7 @@ def _type_from_proto(proto: onnx.TypeProto) -> Optional[ir.ValueType]:
     return ir.OtherType(proto)
 
 
-def _fully_typed(v: ir.Value) -> bool:
-    t = v.type
+def _fully_typed(t: ir.ValueType | None) -> bool:
     if isinstance(t, ir.OtherType):
         return True
     return (isinstance(t, ir.TensorType) and t.dtype != onnx.TensorProto.UNDEFINED and t.shape is not None
@@ -74,10 +74,9 @@ def _fully_typed(v: ir.Value) -> bool:
 def _forget_previous(model: ir.Model) -> None:
     """Drop notes of an earlier run: the graph may have changed since."""
     for graph in [model.graph, *model.graph.subgraphs()]:
-        for v in graph.outputs:
-            v.meta.pop(INFERRED_TYPE, None)
         for node in graph:
             for v in node.outputs:
+                v.meta.pop(INFERRED_TYPE, None)
                 v.meta.pop(TYPE_CONFLICT, None)
 
 
@@ -107,7 +106,7 @@ class InferShapes(Pass):
             sym = SymbolicValues()
             for node in graph:
                 outputs = [o for o in node.outputs if o.name]
-                if not outputs or all(_fully_typed(o) and o not in state.signature for o in outputs):
+                if not outputs or all(_fully_typed(o.meta.get(INFERRED_TYPE)) for o in outputs):
                     continue
                 for out, inferred in zip(node.outputs, infer_node_types(node, sym)):
                     if out.name and inferred is not None:
@@ -129,12 +128,13 @@ class _Annotator:
     def refine(self, value: ir.Value, inferred: ir.ValueType) -> None:
         if value.producer is None:
             return  # graph inputs and initializers: the model's contract and its constants
+        # What inference proved is noted apart from the declared type: runtimes do not check
+        # declared output and value_info shapes, so they may be stale, and a pass that turns
+        # a shape into a constant (fold-constants) must only trust a proven one.
+        known = value.meta.get(INFERRED_TYPE)
+        value.meta[INFERRED_TYPE] = refine_type(known, inferred) or known or inferred
         if value in self.signature:
-            # A graph output keeps its declared type; what inference found is kept aside
-            # (a declared output shape is not checked by runtimes and may be stale).
-            known = value.meta.get(INFERRED_TYPE)
-            value.meta[INFERRED_TYPE] = refine_type(known, inferred) or known or inferred
-            return
+            return  # a graph output keeps its declared type
         if contradicts(value.type, inferred):
             logger.debug("'%s': declared %s, inferred %s; keeping the declaration", value.name,
                          value.type, inferred)
@@ -156,11 +156,12 @@ def _onnx_inference(model: ir.Model) -> list[tuple[ir.Value, ir.ValueType]]:
     try:
         # Inside the try: a model nested deeper than protobuf allows cannot become a proto.
         proto, pmap = light_model_proto(model)
-        result = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
-                                                   data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - onnx raises several types; graphopt's rules still run
-        logger.debug("onnx shape inference failed: %s", exc)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own types; graphopt's rules still run
+        logger.debug("the model cannot be written for onnx shape inference: %s", exc)
         return []
+    result = infer_shapes(proto)
+    if result is None:
+        return []  # graphopt's rules still run
     found: list[tuple[ir.Value, ir.ValueType]] = []
     for graph_map, graph_proto in walk_maps(pmap, result.graph):
         by_name = {v.name: v for n in graph_map.nodes for v in n.outputs if v.name}

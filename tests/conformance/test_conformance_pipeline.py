@@ -10,6 +10,8 @@ the pipeline: ``optimize`` may refuse it with a ``GraphoptError``, but must not 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import onnx
 import pytest
 
@@ -18,6 +20,9 @@ from graphopt.errors import GraphoptError
 from graphopt.pipeline import PassContext
 
 from _conformance import Case, Tally, compare_runs, run_case
+
+if TYPE_CHECKING:
+    from conftest import SuiteStore
 
 
 def _signature(model: onnx.ModelProto) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
@@ -38,7 +43,7 @@ def _checker_problem(optimized: onnx.ModelProto, original: onnx.ModelProto) -> s
     return ""
 
 
-def _check_case(suites, case: Case, tally: Tally) -> None:
+def _check_case(suites: SuiteStore, case: Case, tally: Tally) -> None:
     reference = suites.reference(case)
     before = case.model.SerializeToString()
     try:
@@ -79,7 +84,7 @@ def _check_case(suites, case: Case, tally: Tally) -> None:
 
 
 @pytest.mark.parametrize("suite", ["node", "node-baked", "model", "data", "light"])
-def test_default_pipeline_keeps_outputs(suites, suite: str) -> None:
+def test_default_pipeline_keeps_outputs(suites: SuiteStore, suite: str) -> None:
     """Every case optimizes to a valid model that computes what the original computes."""
     tally = suites.tally(f"optimize -O2 [{suite}]")
     if suite == "node-baked":

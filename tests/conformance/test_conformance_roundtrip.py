@@ -9,6 +9,8 @@ original correctly, the round-tripped model gives bit-identical outputs (NaN equ
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import pytest
@@ -16,6 +18,9 @@ import pytest
 from graphopt import ir
 
 from _conformance import Case, Tally, compare_runs, first_difference, run_case
+
+if TYPE_CHECKING:
+    from conftest import SuiteStore
 
 #: Every n-th case of a proto suite also goes through a file; data folders always do.
 SAVE_EVERY = 10
@@ -50,7 +55,7 @@ def _structural_problem(case: Case, index: int, folder: str) -> tuple[str, onnx.
     return "", back
 
 
-def _check_suite(suites, suite: str, folder: str) -> Tally:
+def _check_suite(suites: SuiteStore, suite: str, folder: str) -> Tally:
     tally = suites.tally(f"round trip [{suite}]", skip_label="not run in onnxruntime")
     cases = suites.cases(suite)
     assert len(cases) >= MIN_CASES[suite], f"only {len(cases)} {suite} cases found"
@@ -77,7 +82,7 @@ def _check_suite(suites, suite: str, folder: str) -> Tally:
 
 
 @pytest.mark.parametrize("suite", ["node", "model", "data", "light"])
-def test_round_trip_is_lossless_and_keeps_outputs(suites, suite: str, tmp_path) -> None:
+def test_round_trip_is_lossless_and_keeps_outputs(suites: SuiteStore, suite: str, tmp_path: Path) -> None:
     """Every case round-trips exactly; scored cases run to identical outputs."""
     tally = _check_suite(suites, suite, str(tmp_path))
     assert not tally.failures, tally.failure_report()

@@ -226,7 +226,8 @@ def test_transposed_weight_also_used_as_it_is_is_not_stored_twice() -> None:
     model, counters = _fold(source)
     assert _ops(model.graph) == ["MatMul", "MatMul", "Add"] and counters["folded-nodes"] == 1
     assert list(model.graph.initializers) == ["wt"]
-    _same_numbers(source, model, rtol=1e-6, atol=1e-6)
+    # onnxruntime pre-packs constant MatMul weights: a different kernel, rounding within 1e-5.
+    _same_numbers(source, model, rtol=1e-5, atol=1e-5)
 
 
 # -- what never folds -------------------------------------------------------------------------------
@@ -334,23 +335,23 @@ def test_float8_graph_output_is_a_float8_initializer() -> None:
 
 
 def test_bfloat16_and_int4_constants_round_trip() -> None:
+    # onnxruntime's Python binding cannot return bfloat16 or int4 tensors: the reference
+    # evaluator folds them, and the initializers keep their element types.
     source = _parse("""
         <ir_version: 10, opset_import: ["" : 21]>
-        g (float[2] x) => (float[4] y, float[4] z) <float[2] w = {1.5, -2.25}, float[2] v = {3.0, -7.0}> {
+        g (float[2] x, float s) => (float[4] y, float[2] z) <float[2] w = {1.5, -2.25}, float[2] v = {3.0, -7.0}> {
            xb = Cast <to = 16> (x)
            wb = Cast <to = 16> (w)
            cb = Concat <axis = 0> (xb, wb)
            y = Cast <to = 1> (cb)
-           xi = Cast <to = 22> (x)
            vi = Cast <to = 22> (v)
-           ci = Concat <axis = 0> (xi, vi)
-           z = Cast <to = 1> (ci)
+           z = DequantizeLinear (vi, s)
         }""")
     model, counters = _fold(source)
     dtypes = sorted(init.const_value.dtype for init in model.graph.initializers.values())
     assert dtypes == sorted([onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT4])
     assert counters["folded-nodes"] == 2
-    _same_numbers(source, model, {"x": np.array([1.0, -3.0], np.float32)})
+    _same_numbers(source, model, {"x": np.array([1.0, -3.0], np.float32), "s": np.array(0.5, np.float32)})
 
 
 # -- evaluation fallbacks ---------------------------------------------------------------------------
