@@ -51,6 +51,7 @@ class ModelSpec:
         group: One of :data:`GROUPS`.
         path: Where the model file is (exported models: where it will be).
         dims: Values for symbolic input dimensions (others default to 1).
+        shapes: Full shapes of inputs whose dimensions have no names.
         inputs: Per input name, how to fill it: ``("normal", scale)``, ``("uniform", lo, hi)``,
             ``("randint", high)``, ``("zeros",)``, ``("ones",)`` or ``("value", number)``.
         transformer: ``(model_type, num_heads, hidden_size)`` for onnxruntime's transformer
@@ -62,6 +63,7 @@ class ModelSpec:
     group: str
     path: str
     dims: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
     inputs: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     transformer: tuple[str, int, int] | None = None
     export: str | None = None
@@ -88,7 +90,7 @@ def model_specs(groups: list[str], models_dir: str, site: str) -> list[ModelSpec
             vad_inputs = {"input": ("normal", 0.1), "state": ("zeros",), "sr": ("value", 16000)}
             data = os.path.join(site, "silero_vad", "data")
             specs.append(ModelSpec("silero_vad", group, os.path.join(data, "silero_vad.onnx"),
-                                   dims={"batch": 1, "sequence": 512}, inputs=vad_inputs))
+                                   shapes={"input": [1, 512], "state": [2, 1, 128]}, inputs=vad_inputs))
             specs.append(ModelSpec("silero_vad_op15", group, os.path.join(data, "silero_vad_16k_op15.onnx"),
                                    dims={"batch": 1, "sequence": 512}, inputs=vad_inputs))
         elif group == "nudenet":
@@ -140,12 +142,14 @@ def make_feeds(path: str, spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarra
     for inp in _graph_inputs(model):
         tensor_type = inp.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-        shape = []
-        for dim in tensor_type.shape.dim:
+        shape: list[int] = []
+        for dim in tensor_type.shape.dim if inp.name not in spec.shapes else ():
             if dim.HasField("dim_value"):
                 shape.append(dim.dim_value)
             else:
                 shape.append(spec.dims.get(dim.dim_param, 1))
+        if inp.name in spec.shapes:
+            shape = list(spec.shapes[inp.name])
         kind = spec.inputs.get(inp.name)
         if kind is None:
             kind = ("normal", 1.0) if np.issubdtype(dtype, np.floating) else ("zeros",)

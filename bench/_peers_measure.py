@@ -144,6 +144,7 @@ def _time_group(anchor: _Entry, group: list[_Entry], feeds: dict[str, np.ndarray
     over the anchor's CPU time of the same round.
     """
     members = [anchor, *group]
+    min_rounds = spec["min_rounds"] if max(m.nbytes for m in members) < 100e6 else spec["min_rounds_big"]
     member_feeds = [_feeds_for(m.session, feeds) for m in members]
     for m, f in zip(members, member_feeds):
         for _ in range(spec["warmup"]):
@@ -151,7 +152,7 @@ def _time_group(anchor: _Entry, group: list[_Entry], feeds: dict[str, np.ndarray
     start = time.perf_counter()
     rounds = 0
     while rounds < spec["max_rounds"]:
-        if rounds >= spec["min_rounds"] and time.perf_counter() - start >= spec["budget_s"]:
+        if rounds >= min_rounds and time.perf_counter() - start >= spec["budget_s"]:
             break
         shift = rounds % len(members)
         cpu_this_round: dict[int, float] = {}
@@ -210,7 +211,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             res = results[entry.label]
             key = "ALL" if entry.level == "ORT_ENABLE_ALL" else "DISABLE"
             try:
-                for _ in range(spec["create_repeat"]):
+                for _ in range(spec["create_repeat"] if entry.nbytes < 50e6 else 1):
                     entry.session = None
                     entry.session, dt = _session(entry.path, entry.level)
                     entry.create_s.append(dt)
@@ -243,7 +244,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         anchor.session = None
         control.session = None
         gc.collect()
-    for _ in range(spec["create_repeat"] - len(anchor.create_s)):
+    for _ in range((spec["create_repeat"] if anchor.nbytes < 50e6 else 1) - len(anchor.create_s)):
         anchor.session, dt = _session(anchor.path, anchor.level)
         anchor.create_s.append(dt)
         anchor.session = None

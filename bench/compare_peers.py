@@ -281,8 +281,9 @@ def bench_model(spec: ModelSpec, tools: list[Tool], args: argparse.Namespace) ->
         "feeds": feeds_path,
         "variants": [{"label": r.tool, "path": r.path, "nbytes": r.nbytes} for r in unique.values()],
         "warmup": args.warmup, "min_rounds": args.min_rounds, "max_rounds": args.max_rounds,
-        "budget_s": args.latency_budget, "create_repeat": 1 if original.nbytes > 50e6 else args.create_repeat,
-        "mem_budget_bytes": args.mem_budget_gb * 1e9, "session_bytes_factor": 2.5,
+        "budget_s": args.latency_budget, "create_repeat": args.create_repeat,
+        "min_rounds_big": args.min_rounds_big,
+        "mem_budget_bytes": _memory_budget(args.mem_budget_gb), "session_bytes_factor": 2.5,
     }
     spec_path = os.path.join(work, "measure.json")
     result_path = os.path.join(work, "measured.json")
@@ -311,6 +312,16 @@ def bench_model(spec: ModelSpec, tools: list[Tool], args: argparse.Namespace) ->
             if row.path is not None and row.nbytes is not None and row.nbytes > 20e6:
                 _remove_output(row.path)
     return record
+
+
+def _memory_budget(cap_gb: float) -> float:
+    """``cap_gb``, or half of the memory available now when that is less."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return cap_gb * 1e9
+    return min(cap_gb * 1e9, available / 2)
 
 
 def _row_json(row: Row) -> dict[str, Any]:
@@ -375,7 +386,7 @@ def print_model_table(record: dict[str, Any], rtol: float) -> None:
     for d in record["rows"]:
         if d.get("error"):
             rows.append([d["tool"], "-", "-", "-", "-", "-", "failed", "-", "-", "-", "-", "-", "-"])
-            notes.append(f"{d['tool']}: {d['error']}")
+            notes.append(f"{d['tool']}: {str(d['error'])[:200]}")
             continue
         original = d["tool"] == ORIGINAL
         rel = d.get("max_rel")
@@ -395,16 +406,17 @@ def print_model_table(record: dict[str, Any], rtol: float) -> None:
                          f"ORT_ENABLE_ALL; its distance from 1 is the noise of the ratios)")
         for key in ("checker", "error_ALL", "error_DISABLE", "numbers_note", "same_file_as"):
             if d.get(key):
-                notes.append(f"{d['tool']}: {key}: {d[key]}")
+                notes.append(f"{d['tool']}: {key}: {str(d[key])[:160]}")
     if record.get("measure_error"):
         notes.append(f"measurement failed: {record['measure_error']}")
     title = f"{record['model']}  (lat: ratio to the original at ORT_ENABLE_ALL, 1 thread; nodes main/all graphs)"
     print_table(title, cols, rows, notes)
 
 
-_LOWER_IS_BETTER = {"lat ALL": "ratio_ALL", "lat OFF": "ratio_DISABLE", "opt CPU": "opt_cpu_s",
-                    "RSS": "max_rss_bytes", "size": "bytes", "nodes": "nodes",
-                    "sess ALL": "create_ALL_s", "sess OFF": "create_DISABLE_s"}
+#: Metrics of the losses table (lower is better) and the relative margin a peer must win by.
+_LOWER_IS_BETTER = {"lat ALL": ("ratio_ALL", 0.03), "lat OFF": ("ratio_DISABLE", 0.03),
+                    "opt CPU": ("opt_cpu_s", 0.05), "RSS": ("max_rss_bytes", 0.05),
+                    "size": ("bytes", 0.05)}
 
 
 def _usable(d: dict[str, Any], rtol: float) -> bool:
@@ -414,7 +426,11 @@ def _usable(d: dict[str, Any], rtol: float) -> bool:
 
 
 def losses(records: list[dict[str, Any]], rtol: float) -> list[list[str]]:
-    """Per model and metric where the best peer beats the best graphopt row (by > 2 %)."""
+    """Per model and metric where the best valid peer beats the best graphopt row.
+
+    A latency loss counts only beyond the model's noise: 3 %, or twice the A/A ratio's distance
+    from 1 when that is larger.
+    """
     out = []
     for rec in records:
         rows = [d for d in rec.get("rows", []) if d["tool"] != ORIGINAL and _usable(d, rtol)]
@@ -423,18 +439,22 @@ def losses(records: list[dict[str, Any]], rtol: float) -> list[list[str]]:
         failed = [d["tool"] for d in rec.get("rows", []) if d["tool"].startswith("graphopt") and not _usable(d, rtol)]
         for tool in failed:
             d = next(x for x in rec["rows"] if x["tool"] == tool)
-            why = d.get("error") or d.get("valid") if d.get("valid") != "ok" else f"max rel {_fmt_num(d.get('max_rel'))}"
+            why = (d.get("error") or d.get("valid")) if d.get("valid") != "ok" else f"max rel {_fmt_num(d.get('max_rel'))}"
             out.append([rec["model"], "validity", tool, str(why)[:60], "", ""])
         if not ours or not peers:
             continue
-        for metric, key in _LOWER_IS_BETTER.items():
+        original = next((d for d in rec["rows"] if d["tool"] == ORIGINAL), {})
+        noise = abs(1 - original["aa_ratio"]) if original.get("aa_ratio") else 0.0
+        for metric, (key, margin) in _LOWER_IS_BETTER.items():
+            if metric.startswith("lat"):
+                margin = max(margin, 2 * noise)
             mine = [d for d in ours if d.get(key) is not None]
             theirs = [d for d in peers if d.get(key) is not None]
             if not mine or not theirs:
                 continue
             best_ours = min(mine, key=lambda d: d[key])
             best_peer = min(theirs, key=lambda d: d[key])
-            if best_peer[key] < best_ours[key] * 0.98:
+            if best_peer[key] < best_ours[key] * (1 - margin):
                 fmt = _metric_formatter(metric)
                 out.append([rec["model"], metric, best_ours["tool"], fmt(best_ours[key]),
                             best_peer["tool"], fmt(best_peer[key])])
@@ -489,9 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-budget", type=float, default=None,
                         help="seconds of interleaved timing per session group (default 10)")
     parser.add_argument("--min-rounds", type=int, default=None, help="timed rounds at least (default 10)")
+    parser.add_argument("--min-rounds-big", type=int, default=5,
+                        help="timed rounds at least for models over 100 MB")
     parser.add_argument("--max-rounds", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--create-repeat", type=int, default=3, help="session creations per variant (median)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs per session (default 2)")
+    parser.add_argument("--create-repeat", type=int, default=None,
+                        help="session creations per variant under 50 MB (median; default 3)")
     parser.add_argument("--mem-budget-gb", type=float, default=8.0,
                         help="memory for the sessions timed together")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per optimize run")
@@ -509,8 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.models = "light" if args.models == ",".join(GROUPS) else args.models
     args.repeat = args.repeat or (1 if args.quick else 3)
-    args.latency_budget = args.latency_budget if args.latency_budget is not None else (2.0 if args.quick else 10.0)
-    args.min_rounds = args.min_rounds or (5 if args.quick else 10)
+    args.latency_budget = args.latency_budget if args.latency_budget is not None else (1.0 if args.quick else 10.0)
+    args.min_rounds = args.min_rounds or (3 if args.quick else 10)
+    args.min_rounds_big = min(args.min_rounds_big, args.min_rounds)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.create_repeat = args.create_repeat or (1 if args.quick else 3)
     args.python = args.python or _default_python()
     groups = _parse_list(args.models, list(GROUPS), "model group")
     tool_names = _parse_list(args.tools, [t.name for t in TOOLS], "tool")
@@ -529,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:  # keep what is done so far if a later model takes the machine down
             _write(args, records, time.perf_counter() - t0)
     lost = losses(records, args.rtol)
-    print_table("Where graphopt loses (best graphopt row vs best valid peer, > 2 % apart)",
+    print_table("Where graphopt loses (best graphopt row vs best valid peer; latency beyond noise, "
+                "others by > 5 %)",
                 ["model", "metric", "graphopt", "value", "peer", "value"], lost or [["-", "none", "", "", "", ""]])
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     _write(args, records, time.perf_counter() - t0)

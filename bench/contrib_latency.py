@@ -17,6 +17,7 @@ contrib fusions, which fold the Transpose into a ``FusedMatMul``).
 Usage::
 
     python bench/contrib_latency.py encoder [--layers 4] [--seq 128] [--rounds 30] [--json out.json]
+    python bench/contrib_latency.py cnn [--rounds 30]
     python bench/contrib_latency.py dedup [--vocab 50257] [--hidden 768] [--rounds 20]
 """
 
@@ -38,9 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import fmt_bytes, fmt_seconds, print_table, write_json  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt import ir  # noqa: E402
 from graphopt.passes.contrib import CONTRIB_PASSES  # noqa: E402
-from graphopt.pipeline import PassContext, PassManager, PassRegistry  # noqa: E402
 
 ORT_LEVELS = ("ENABLE_ALL", "DISABLE_ALL")
 
@@ -141,6 +140,24 @@ def build_encoder(layers: int = 4, hidden: int = 768, heads: int = 12, ffn: int 
     return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 14)])
 
 
+def build_cnn(blocks: int = 3, channels: int = 64, size: int = 56, seed: int = 0) -> onnx.ModelProto:
+    """A ResNet-like stack: per block Conv+Relu, Conv, residual Add, Relu; then Conv+Clip (ReLU6)."""
+    b = _Builder(seed)
+    x = b.op("Relu", b.op("Conv", "image", b.weight(channels, 3, 3, 3, scale=0.2), b.weight(channels), pads=[1, 1, 1, 1]))
+    for _ in range(blocks):
+        h = b.op("Relu", b.op("Conv", x, b.weight(channels, channels, 3, 3, scale=0.05), b.weight(channels),
+                              pads=[1, 1, 1, 1]))
+        h = b.op("Conv", h, b.weight(channels, channels, 3, 3, scale=0.05), b.weight(channels), pads=[1, 1, 1, 1])
+        x = b.op("Relu", b.op("Add", h, x))
+    y = b.op("Clip", b.op("Conv", x, b.weight(channels, channels, 1, 1, scale=0.1), b.weight(channels)),
+             b.const(np.array(0.0, np.float32)), b.const(np.array(6.0, np.float32)))
+    b.nodes.append(helper.make_node("Identity", [y], ["features"]))
+    graph = helper.make_graph(
+        b.nodes, "cnn", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, channels, size, size])], b.inits)
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def build_tied_lm(vocab: int = 50257, hidden: int = 768, seed: int = 0) -> onnx.ModelProto:
     """GPT-2's tied embedding: ``wte [V, H]`` for the lookup and its transpose ``[H, V]`` for the head.
 
@@ -184,42 +201,51 @@ def session(model: onnx.ModelProto, level: str) -> tuple[Any, float]:
     return created, time.perf_counter() - start
 
 
-def interleaved(runs: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median CPU seconds of each callable, timed round-robin so drifts hit every variant alike.
+def interleaved(runs: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """CPU seconds of each callable per round, timed round-robin so drifts hit every variant alike.
 
     With one intra-op thread onnxruntime computes on the calling thread, so the process CPU time
     of a run is its cost; unlike wall time it does not count the time a busy machine gives to
-    other processes. Wall medians are stored alongside under ``<name>|wall``.
+    other processes.
     """
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     cpu: dict[str, list[float]] = {name: [] for name in runs}
-    wall: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, fn in runs.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
+            start = time.process_time()
             fn()
-            cpu[name].append(time.process_time() - start_cpu)
-            wall[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in cpu.items()}
-    medians.update({f"{name}|wall": statistics.median(values) for name, values in wall.items()})
-    return medians
+            cpu[name].append(time.process_time() - start)
+    return cpu
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of ``time(name) / time(base)`` in the same round (robust to drift)."""
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
 
 def run_encoder(args: argparse.Namespace) -> dict[str, Any]:
-    """Part 1: the encoder under each variant and ORT level."""
-    source = build_encoder(layers=args.layers)
+    """Part 1: the encoder (or, with ``cnn``, the ResNet-like stack) under each variant and ORT level."""
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, 30522, (1, args.seq)).astype(np.int64),
-             "attention_mask": np.ones((1, args.seq), np.int64)}
-    feeds["attention_mask"][0, int(args.seq * 0.9):] = 0
+    if args.part == "cnn":
+        source = build_cnn()
+        feeds = {"image": rng.standard_normal((1, 3, 56, 56)).astype(np.float32)}
+        title = "ResNet-like CNN (7 Conv, 64 channels, 56x56)"
+        passes = ["contrib-fused-conv"]
+    else:
+        source = build_encoder(layers=args.layers)
+        feeds = {"input_ids": rng.integers(0, 30522, (1, args.seq)).astype(np.int64),
+                 "attention_mask": np.ones((1, args.seq), np.int64)}
+        feeds["attention_mask"][0, int(args.seq * 0.9):] = 0
+        title = f"BERT-base-like encoder, {args.layers} layers, batch 1, sequence {args.seq}"
+        passes = [c.name for c in CONTRIB_PASSES if c.name != "contrib-fused-conv"]
     variants = {"original": "", "-O2": "O2"}
-    for cls in CONTRIB_PASSES:
-        variants[f"-O2 + {cls.name}"] = f"O2,{cls.name},eliminate-dead-code"
-    variants["-O2 + all contrib"] = "O2," + ",".join(c.name for c in CONTRIB_PASSES) + ",eliminate-dead-code"
-    if args.with_o3:
-        variants["-O3"] = "O3"
+    for name in passes:
+        variants[f"-O2 + {name}"] = f"O2,{name},eliminate-dead-code"
+    if len(passes) > 1:
+        variants["-O2 + all contrib"] = "O2," + ",".join(passes) + ",eliminate-dead-code"
+    variants["-O3"] = "O3"
     models, optimize_s, counts = {}, {}, {}
     for name, pipeline in variants.items():
         models[name], optimize_s[name] = optimize(source, pipeline)
@@ -238,22 +264,23 @@ def run_encoder(args: argparse.Namespace) -> dict[str, Any]:
             if error > 1e-3:
                 raise SystemExit(f"{name} at {level}: outputs differ from the original by {error:g}")
             runs[f"{name}|{level}"] = (lambda s=sess: s.run(None, feeds))
-    medians = interleaved(runs, args.rounds)
-    base = medians["original|ENABLE_ALL"]
+    times = interleaved(runs, args.rounds)
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    ratios = {key: paired_ratio(times, key, "original|ENABLE_ALL") for key in times}
     rows = []
     for name in variants:
         row = [name, counts[name]]
         for level in ORT_LEVELS:
             key = f"{name}|{level}"
-            row += [fmt_seconds(medians[key]), f"{medians[key] / base:.3f}"]
+            row += [fmt_seconds(medians[key]), f"{ratios[key]:.3f}"]
         row.append(fmt_seconds(create_s[f"{name}|ENABLE_ALL"]))
         rows.append(row)
-    print_table(f"BERT-base-like encoder, {args.layers} layers, batch 1, sequence {args.seq}, onnxruntime CPU, "
-                f"1 thread, median CPU time of {args.rounds} interleaved rounds",
+    print_table(f"{title}, onnxruntime CPU, 1 thread, median CPU time of {args.rounds} interleaved rounds",
                 ["variant", "nodes", "ENABLE_ALL", "/orig", "DISABLE_ALL", "/orig", "session (ALL)"], rows,
-                notes=["/orig: median latency divided by the original model's at ORT_ENABLE_ALL"])
-    return {"encoder": {"layers": args.layers, "seq": args.seq, "rounds": args.rounds,
-                        "median_s": medians, "nodes": counts, "session_s": create_s, "optimize_s": optimize_s}}
+                notes=["/orig: median over rounds of (latency / the original model's latency at ORT_ENABLE_ALL "
+                       "in the same round)"])
+    return {args.part: {"layers": args.layers, "seq": args.seq, "rounds": args.rounds,
+                        "median_s": medians, "ratio_to_original_enable_all": ratios, "nodes": counts, "session_s": create_s, "optimize_s": optimize_s}}
 
 
 def run_dedup(args: argparse.Namespace) -> dict[str, Any]:
@@ -282,7 +309,7 @@ def run_dedup(args: argparse.Namespace) -> dict[str, Any]:
                 runs[f"{name}|{level}"] = (lambda s=sess: s.run(None, feeds))
             info[name] = (os.path.getsize(path), seconds, created)
             del model
-        medians = interleaved(runs, args.rounds, warmup=1)
+        medians = {key: statistics.median(values) for key, values in interleaved(runs, args.rounds, warmup=1).items()}
     for name, (size, seconds, created) in info.items():
         row = [name, fmt_bytes(size), fmt_seconds(seconds)]
         for level in ORT_LEVELS:
@@ -299,16 +326,15 @@ def run_dedup(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     """Parse arguments and run the chosen part."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["encoder", "dedup"])
+    parser.add_argument("part", choices=["encoder", "cnn", "dedup"])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--with-o3", action="store_true", help="also measure the -O3 preset")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    result = run_encoder(args) if args.part == "encoder" else run_dedup(args)
+    result = run_dedup(args) if args.part == "dedup" else run_encoder(args)
     write_json(args.json, result)
 
 

@@ -13,7 +13,7 @@ iterator stands on neither skips nor repeats the nodes after it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -28,6 +28,9 @@ __all__ = ["Value", "Node", "Graph", "Function", "Model", "Use"]
 
 #: A use of a value: the consuming node and the input index.
 Use = tuple["Node", int]
+
+#: ``Node._metadata_props`` of a loaded node until they are first asked for.
+_NOT_READ = object()
 
 
 class Value:
@@ -49,7 +52,7 @@ class Value:
     """
 
     __slots__ = ("_name", "type", "const_value", "producer", "index", "graph", "doc_string",
-                 "metadata_props", "meta", "_uses", "_loaded_type")
+                 "metadata_props", "_meta", "_uses", "_loaded_type")
 
     def __init__(self, name: str = "", type: ValueType | None = None, *,
                  const_value: Tensor | SparseTensor | None = None) -> None:
@@ -61,7 +64,7 @@ class Value:
         self.graph: Graph | None = None
         self.doc_string = ""
         self.metadata_props: dict[str, str] | None = None
-        self.meta: dict[str, Any] = {}
+        self._meta: dict[str, Any] | None = None  # created on first use: most values never get notes
         # Ordered set of (node, input index); dict keeps insertion order.
         self._uses: dict[Use, None] = {}
         self._loaded_type: ValueType | None = None
@@ -77,10 +80,28 @@ class Value:
     @name.setter
     def name(self, name: str) -> None:
         self._name = name
+        # The nodes that write or read the value must be written anew, not from the proto
+        # they were read from.
+        if self.producer is not None:
+            self.producer._source_key = None
+        for node, _ in self._uses:
+            node._source_key = None
         # Keep Model.unique_name from handing out a name that a value in the model now has.
         owner = self.owning_graph()
         if name and owner is not None:
             owner._note_names((name,))
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Free-form per-value notes of passes; never written to the model."""
+        meta = self._meta
+        if meta is None:
+            meta = self._meta = {}
+        return meta
+
+    @meta.setter
+    def meta(self, meta: dict[str, Any]) -> None:
+        self._meta = meta
 
     # -- type shortcuts --------------------------------------------------------------------------
     @property
@@ -218,8 +239,9 @@ class Node:
         True
     """
 
-    __slots__ = ("name", "domain", "op_type", "overload", "_inputs", "_outputs", "attributes",
-                 "doc_string", "metadata_props", "meta", "graph", "_link", "_extra", "_explicit")
+    __slots__ = ("name", "domain", "op_type", "overload", "_inputs", "_outputs", "_attrs",
+                 "doc_string", "_metadata_props", "_meta", "graph", "_link", "_source",
+                 "_source_key", "_read_attribute")
 
     def __init__(self, domain: str, op_type: str, inputs: Sequence[Value | None] = (), *,
                  attributes: Iterable[Attr] | dict[str, Any] = (), num_outputs: int = 1,
@@ -230,17 +252,24 @@ class Node:
         self.op_type = op_type
         self.overload = overload
         self.doc_string = doc_string
-        self.metadata_props: dict[str, str] | None = None
-        self.meta: dict[str, Any] = {}
+        self._metadata_props: dict[str, str] | None | object = None
+        self._meta: dict[str, Any] | None = None  # created on first use
         self.graph: Graph | None = None
         self._link: _Link | None = None  # the node's box in its graph's list; None when detached
-        self._extra: onnx.NodeProto | None = None  # fields graphopt does not model, kept as is
-        self._explicit: tuple[str, ...] = ()  # proto fields set explicitly to their default
+        # A node read from a model keeps its NodeProto (``_source``): saving writes it back as is
+        # while ``_source_key`` (name, op_type, domain, overload, doc_string as read) still
+        # matches; changing inputs, outputs, attributes or a value name clears the key. Fields
+        # graphopt does not model (device_configurations) are taken from it when it is not.
+        self._source: onnx.NodeProto | None = None
+        self._source_key: tuple[str, str, str, str, str] | None = None
+        # Set while the attributes of a loaded node are still unread (``_attrs`` is then None).
+        self._read_attribute: Callable[[onnx.AttributeProto], Attr] | None = None
+        self._attrs: dict[str, Attr] | None
         if isinstance(attributes, dict):
-            self.attributes: dict[str, Attr] = {
+            self._attrs = {
                 k: (v if isinstance(v, Attr) else Attr.from_value(k, v)) for k, v in attributes.items()}
         else:
-            self.attributes = {a.name: a for a in attributes}
+            self._attrs = {a.name: a for a in attributes}
         self._inputs: tuple[Value | None, ...] = tuple(inputs)
         for i, v in enumerate(self._inputs):
             if v is not None:
@@ -253,9 +282,37 @@ class Node:
                 raise ValueError(f"value '{v.name}' already has a producer ({v.producer.op_type})")
             v.producer = self
             v.index = i
-        for a in self.attributes.values():
+        for a in self._attrs.values():
             for g in a.graphs():
                 g.parent = self
+
+    @classmethod
+    def _from_source(cls, source: onnx.NodeProto, key: tuple[str, str, str, str, str],
+                     outputs: list[Value],
+                     read_attribute: Callable[[onnx.AttributeProto], Attr] | None) -> Node:
+        """A node read from ``source``; ``key`` is its (name, op_type, domain, overload, doc_string).
+
+        The loader sets the inputs once every value of the graph exists. With ``read_attribute``,
+        the attributes are read from ``source`` when first asked for; without it, the caller
+        sets ``_attrs`` (attributes holding subgraphs are read at load: their outer-scope
+        reads are uses). Skips ``__init__``: loading builds one node per ``NodeProto``.
+        """
+        node = cls.__new__(cls)
+        node.name, node.op_type, node.domain, node.overload, node.doc_string = key
+        node._metadata_props = _NOT_READ
+        node._meta = None
+        node.graph = None
+        node._link = None
+        node._inputs = ()
+        node._outputs = tuple(outputs)
+        for i, v in enumerate(outputs):
+            v.producer = node
+            v.index = i
+        node._attrs = None
+        node._read_attribute = read_attribute
+        node._source = source
+        node._source_key = key
+        return node
 
     def __repr__(self) -> str:  # noqa: D105
         ins = ", ".join(v.name if v is not None else "" for v in self._inputs)
@@ -281,6 +338,7 @@ class Node:
         old = self._inputs[index]
         if old is value:
             return
+        self._source_key = None
         if old is not None:
             old._uses.pop((self, index), None)
         ins = list(self._inputs)
@@ -297,6 +355,7 @@ class Node:
 
     def set_inputs(self, values: Sequence[Value | None]) -> None:
         """Replace the whole input list."""
+        self._source_key = None
         for i, v in enumerate(self._inputs):
             if v is not None:
                 v._uses.pop((self, i), None)
@@ -311,6 +370,7 @@ class Node:
 
     def set_outputs(self, outputs: Sequence[Value]) -> None:
         """Replace the output list (old outputs lose their producer)."""
+        self._source_key = None
         for v in self._outputs:
             if v.producer is self:
                 v.producer = None
@@ -322,6 +382,7 @@ class Node:
 
     def detach_inputs(self) -> None:
         """Drop this node's uses, and those of every node in its subgraphs (used on removal)."""
+        self._source_key = None
         for i, v in enumerate(self._inputs):
             if v is not None:
                 v._uses.pop((self, i), None)
@@ -331,6 +392,56 @@ class Node:
                 inner.detach_inputs()
 
     # -- attributes -----------------------------------------------------------------------------
+    @property
+    def attributes(self) -> dict[str, Attr]:
+        """The attributes by name (a live dict; :meth:`set_attr` also records subgraphs).
+
+        A loaded node reads its attributes from its proto on first access.
+        """
+        attrs = self._attrs
+        if attrs is None:
+            read = self._read_attribute
+            assert read is not None and self._source is not None
+            attrs = {}
+            for proto in self._source.attribute:
+                a = read(proto)
+                attrs[a.name] = a
+            self._attrs = attrs
+            self._read_attribute = None
+        return attrs
+
+    @attributes.setter
+    def attributes(self, attributes: dict[str, Attr]) -> None:
+        self._attrs = attributes
+        self._read_attribute = None
+        self._source_key = None
+
+    @property
+    def metadata_props(self) -> dict[str, str] | None:
+        """The ONNX ``metadata_props`` of the node (``None`` when it has none)."""
+        props = self._metadata_props
+        if props is _NOT_READ:
+            assert self._source is not None
+            entries = self._source.metadata_props
+            props = self._metadata_props = {p.key: p.value for p in entries} if entries else None
+        return props  # type: ignore[return-value]
+
+    @metadata_props.setter
+    def metadata_props(self, props: dict[str, str] | None) -> None:
+        self._metadata_props = props
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Free-form per-node notes of passes (e.g. ``created_by``); never written to the model."""
+        meta = self._meta
+        if meta is None:
+            meta = self._meta = {}
+        return meta
+
+    @meta.setter
+    def meta(self, meta: dict[str, Any]) -> None:
+        self._meta = meta
+
     def attr(self, name: str, default: Any = None) -> Any:
         """The Python value of attribute ``name``, or ``default`` when absent.
 
@@ -345,6 +456,7 @@ class Node:
         """Set (or replace) attribute ``name``."""
         attr = value if isinstance(value, Attr) else Attr.from_value(name, value, type)
         self.attributes[name] = attr
+        self._source_key = None
         for g in attr.graphs():
             g.parent = self
             if self.graph is not None:
@@ -352,8 +464,11 @@ class Node:
 
     def subgraphs(self) -> list[Graph]:
         """Graphs held in this node's attributes (If branches, Loop/Scan bodies...)."""
+        attrs = self._attrs
+        if attrs is None:
+            return []  # unread attributes hold no graph: the loader reads graph attributes at once
         out: list[Graph] = []
-        for a in self.attributes.values():
+        for a in attrs.values():
             if a.is_graph:
                 out.extend(a.graphs())
         return out
@@ -508,6 +623,26 @@ class Graph:
         """Append several nodes."""
         for n in nodes:
             self.append(n)
+
+    def _append_loaded(self, nodes: list[Node]) -> None:
+        """Append nodes just read from a proto, which belong to no graph yet.
+
+        No name bookkeeping: while a model is being read it has no name cache to update
+        (``Model.unique_name`` builds it on first use).
+        """
+        tail = self._tail
+        for node in nodes:
+            link = _Link(node)
+            node._link = link
+            node.graph = self
+            link.prev = tail
+            if tail is not None:
+                tail.next = link
+            else:
+                self._head = link
+            tail = link
+        self._tail = tail
+        self._len += len(nodes)
 
     def insert_before(self, anchor: Node | None, node: Node) -> Node:
         """Insert ``node`` just before ``anchor`` (at the end when ``anchor`` is ``None``)."""

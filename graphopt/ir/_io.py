@@ -11,15 +11,15 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
-from itertools import repeat
-from typing import BinaryIO, Callable, Union
+from contextlib import contextmanager
+from typing import BinaryIO, Callable, Iterator, Union
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from graphopt.errors import EmitError, ModelLoadError
 from graphopt.ir._core import Model
-from graphopt.ir._serde import model_from_proto, model_to_proto
+from graphopt.ir._serde import UndecodableNameError, encode_nodes, model_from_proto, model_to_proto
 from graphopt.ir._tensors import ExternalTensor, ProtoTensor, Tensor
 
 __all__ = ["load", "save", "to_proto", "ModelSource"]
@@ -87,45 +87,20 @@ def _read(f: BinaryIO, progress: Callable[[int, int], None] | None) -> bytes:
 
 
 def _from_proto(proto: onnx.ModelProto, base_dir: str | None, what: str) -> Model:
-    # proto2 strings are not checked when parsed: invalid UTF-8 comes back as bytes, or raises
-    # when read. Either way the file is corrupt; say so now rather than fail in a pass or at save.
     # Building the IR allocates many objects and frees none: the cyclic collector's passes would
     # only rescan them (about half of the load time on graphs of thousands of nodes).
     collecting = gc.isenabled()
     gc.disable()
     try:
-        model = model_from_proto(proto, base_dir)
-    except UnicodeDecodeError:
-        model = None
+        return model_from_proto(proto, base_dir)
+    except (UnicodeDecodeError, UndecodableNameError):
+        # proto2 strings are not checked when parsed: invalid UTF-8 comes back as bytes (the
+        # reader checks every name), or raises when read. Either way the file is corrupt.
+        raise ModelLoadError(f"{what} has a name or string field that is not valid UTF-8; "
+                             "the file is corrupt") from None
     finally:
         if collecting:
             gc.enable()
-    if model is None or _has_undecodable_names(model):
-        raise ModelLoadError(f"{what} has a name or string field that is not valid UTF-8; "
-                             "the file is corrupt") from None
-    return model
-
-
-def _has_undecodable_names(model: Model) -> bool:
-    fields = [model.producer_name, model.producer_version, model.domain, model.doc_string]
-    for fn in model.functions.values():
-        fields += [fn.domain, fn.name, fn.overload, fn.doc_string]
-    # One walk over the nodes (subgraphs found on the way). Node inputs need no check: each is
-    # a graph input, an initializer or a node output of this or an enclosing graph, all checked.
-    graphs = [model.graph] + [fn.graph for fn in model.functions.values()]
-    while graphs:
-        g = graphs.pop()
-        fields += [g.name, g.doc_string]
-        fields += [v.name for v in g.inputs] + [v.name for v in g.outputs] + list(g.initializers)
-        for node in g:
-            fields += [node.name, node.op_type, node.domain, node.overload, node.doc_string]
-            fields += [v.name for v in node.outputs]
-            if node.attributes:
-                graphs += node.subgraphs()
-        if any(map(isinstance, fields, repeat(bytes))):  # map: no Python frame per name
-            return True
-        fields = []
-    return False
 
 
 # Signatures of files often mistaken for ONNX models: (offset, magic bytes, what the file is).
@@ -198,12 +173,18 @@ def to_proto(model: Model) -> onnx.ModelProto:
     return _build_proto(model)
 
 
-def _build_proto(model: Model, writer: Callable[[Tensor], onnx.TensorProto] | None = None, *,
-                 main_initializers: bool = True) -> onnx.ModelProto:
-    try:
+def _build_proto(model: Model, writer: Callable[[Tensor], onnx.TensorProto] | None = None) -> onnx.ModelProto:
+    with _emit_errors():
         if writer is not None:
-            return model_to_proto(model, writer, main_initializers=main_initializers)
-        return model_to_proto(model, main_initializers=main_initializers)
+            return model_to_proto(model, writer)
+        return model_to_proto(model)
+
+
+@contextmanager
+def _emit_errors() -> Iterator[None]:
+    """Turn protobuf's errors while writing a model into :class:`EmitError`."""
+    try:
+        yield
     except UnicodeDecodeError:
         raise EmitError("the model has a name or string field that is not valid UTF-8 (was the "
                         "input corrupt?); fix the name and save again") from None
@@ -248,20 +229,19 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
     if not os.path.isdir(out_dir):
         raise EmitError(f"cannot write '{path}': folder '{out_dir}' does not exist")
     tensors = list(_tensors(model))
+    total = sum(t.nbytes for t in tensors)
     if external_data is None:
-        external_data = any(t.is_external() for t in tensors) or \
-            sum(t.nbytes for t in tensors) > EXTERNAL_DATA_THRESHOLD
+        external_data = total > EXTERNAL_DATA_THRESHOLD or any(t.is_external() for t in tensors)
     cleanup: list[str] = []
     try:
         if external_data:
             location = location or os.path.basename(path) + ".data"
             if os.path.isabs(location) or ".." in location.replace("\\", "/").split("/"):
                 raise EmitError(f"external data location '{location}' must be a plain file name")
-            data_tmp = _temp_in(out_dir, location)
+            data_tmp, data_file = _open_temp(out_dir, location)
             cleanup.append(data_tmp)
-            with open(data_tmp, "wb") as data_file:
-                writer = _ExternalWriter(data_file, location, size_threshold, progress,
-                                         sum(t.nbytes for t in tensors))
+            with data_file:
+                writer = _ExternalWriter(data_file, location, size_threshold, progress, total)
                 proto = _build_proto(model, writer)
             _write_proto(proto, path, out_dir, cleanup)
             data_path = os.path.join(out_dir, location)
@@ -270,7 +250,6 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             cleanup.remove(data_tmp)
             _repoint_overwritten(model, replaced, writer.written, out_dir)
         else:
-            total = sum(t.nbytes for t in tensors)
             if total > _PROTOBUF_LIMIT:
                 raise EmitError(f"the model holds {total / 1e9:.1f} GB of tensors; protobuf cannot "
                                 "store over 2 GB in one file: save with external_data=True")
@@ -287,10 +266,16 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
                 pass
 
 
-def _temp_in(folder: str, name: str) -> str:
+def _open_temp(folder: str, name: str) -> tuple[str, BinaryIO]:
+    """A new temporary file in ``folder``, open for writing, named after ``name``.
+
+    Outputs are written under such a name and renamed into place once complete, so no reader
+    ever sees a partial file under the output's name. They are not fsynced: like ``onnx.save``,
+    a save does not promise durability across a power loss (which would cost a disk flush of
+    milliseconds per file); the rename alone makes the file appear whole or not at all.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(name)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return tmp
+    return tmp, os.fdopen(fd, "wb")
 
 
 def _varint(n: int) -> bytes:
@@ -309,54 +294,66 @@ def _field_key(message: type, field: str) -> bytes:
 
 _GRAPH_KEY = _field_key(onnx.ModelProto, "graph")
 _INITIALIZER_KEY = _field_key(onnx.GraphProto, "initializer")
+_NODE_KEY = _field_key(onnx.GraphProto, "node")
+
+
+def _framed(key: bytes, payloads: list[bytes]) -> list[bytes]:
+    """``[key + length, payload, ...]``: each payload as one length-delimited field ``key``."""
+    out: list[bytes] = []
+    prefixes: dict[int, bytes] = {}  # many payloads share a length
+    for payload in payloads:
+        size = len(payload)
+        prefix = prefixes.get(size)
+        if prefix is None:
+            prefix = prefixes[size] = key + _varint(size)
+        out.append(prefix)
+        out.append(payload)
+    return out
 
 
 def _write_inline(model: Model, path: str, out_dir: str, cleanup: list[str]) -> None:
-    """Write ``model`` with every tensor inline, serializing one main-graph initializer at a time.
+    """Write ``model`` with every tensor inline, encoding main-graph nodes and initializers one by one.
 
     ``SerializeToString`` on a whole model grows one buffer to the model's size (copying as it
     doubles) and then copies it into a bytes object, after ``to_proto`` has already copied every
-    tensor into the new message. Here the model is serialized without the main graph's
-    initializers, and each initializer's own proto (the one read from the file, when unchanged)
-    is serialized on its own and framed as a ``GraphProto.initializer`` field inside the graph
-    record. Fields come in another order on the wire than ``SerializeToString`` puts them; the
-    file parses to the same ``ModelProto``.
+    tensor and node into the new message. Here the model is serialized without the main graph's
+    nodes and initializers; each node and each initializer (the proto read from the file, when
+    unchanged) is encoded on its own and framed as a ``GraphProto.node`` or
+    ``GraphProto.initializer`` field inside the graph record. Fields come in another order on
+    the wire than ``SerializeToString`` puts them; the file parses to the same ``ModelProto``.
     """
-    proto = _build_proto(model, main_initializers=False)
-    graph_bytes = proto.graph.SerializeToString()
-    proto.ClearField("graph")
-    head = proto.SerializeToString()
-    pieces: list[bytes] = []
+    with _emit_errors():
+        proto = model_to_proto(model, main_initializers=False, main_nodes=False)
+        nodes = _framed(_NODE_KEY, encode_nodes(model.graph))
+        graph_rest = proto.graph.SerializeToString()
+        proto.ClearField("graph")
+        head = proto.SerializeToString()
+    tensors: list[bytes] = []
     for v in model.graph.initializers.values():
         tensor = v.const_value
         if isinstance(tensor, Tensor):
             tensor.name = v.name
-            pieces.append(tensor.to_proto(with_data=True).SerializeToString())
-    frames = [_INITIALIZER_KEY + _varint(len(p)) for p in pieces]
-    graph_size = len(graph_bytes) + sum(len(f) + len(p) for f, p in zip(frames, pieces))
-    tmp = _temp_in(out_dir, path)
+            tensors.append(tensor.to_proto(with_data=True).SerializeToString())
+    initializers = _framed(_INITIALIZER_KEY, tensors)
+    graph_size = sum(map(len, nodes)) + len(graph_rest) + sum(map(len, initializers))
+    tmp, f = _open_temp(out_dir, path)
     cleanup.append(tmp)
-    with open(tmp, "wb") as f:
+    with f:
         f.write(head)
         f.write(_GRAPH_KEY + _varint(graph_size))
-        f.write(graph_bytes)
-        for frame, piece in zip(frames, pieces):
-            f.write(frame)
-            f.write(piece)
-        f.flush()
-        os.fsync(f.fileno())
+        f.write(b"".join(nodes))
+        f.write(graph_rest)
+        f.writelines(initializers)
     os.replace(tmp, path)
     cleanup.remove(tmp)
 
 
 def _write_proto(proto: onnx.ModelProto, path: str, out_dir: str, cleanup: list[str]) -> None:
     data = proto.SerializeToString()
-    tmp = _temp_in(out_dir, path)
+    tmp, f = _open_temp(out_dir, path)
     cleanup.append(tmp)
-    with open(tmp, "wb") as f:
+    with f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
     cleanup.remove(tmp)
 

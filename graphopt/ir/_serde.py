@@ -9,17 +9,20 @@ read from. ``to_proto(from_proto(m)) == m`` holds field by field.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import re
+from functools import partial
+from itertools import chain, repeat
+from typing import Callable, Iterable
 
 import onnx
 
 from graphopt.errors import ExternalDataError, ModelLoadError
-from graphopt.ir._attrs import Attr, attr_from_proto
-from graphopt.ir._core import Function, Graph, Model, Node, Value
+from graphopt.ir._attrs import _GRAPH_TYPES, Attr, attr_from_proto
+from graphopt.ir._core import _NOT_READ, Function, Graph, Model, Node, Value
 from graphopt.ir._tensors import ExternalTensor, ProtoTensor, SparseTensor, Tensor
-from graphopt.ir._types import TensorType, type_from_proto
+from graphopt.ir._types import Shape, TensorType, type_from_proto
 
-__all__ = ["model_from_proto", "model_to_proto", "graph_to_proto"]
+__all__ = ["model_from_proto", "model_to_proto", "graph_to_proto", "encode_nodes", "UndecodableNameError"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,9 @@ class _Reader:
 
     def __init__(self, base_dir: str | None) -> None:
         self.base_dir = base_dir
+        # Reads one attribute of a node without subgraphs, when the node's attributes are first
+        # asked for (most never are: saving writes the node's proto back as is).
+        self.read_attribute = partial(attr_from_proto, read_graph=_no_graph, read_tensor=self.tensor)
 
     def tensor(self, proto: onnx.TensorProto) -> Tensor:
         if proto.data_location == onnx.TensorProto.EXTERNAL:
@@ -76,16 +82,17 @@ class _Reader:
             scope[info.name] = v
         for tproto in proto.initializer:
             tensor = self.tensor(tproto)
-            existing = scope.get(tproto.name)
+            name = tensor.name
+            existing = scope.get(name)
             if existing is not None and existing.graph is g and existing.const_value is None:
                 existing.const_value = tensor  # IR < 4: an initializer that is also an input
-                g.initializers[tproto.name] = existing
+                g.initializers[name] = existing
                 continue
-            v = Value(tproto.name, TensorType(tensor.dtype, tensor.shape), const_value=tensor)
+            v = Value(name, TensorType(tproto.data_type, Shape(tproto.dims)), const_value=tensor)
             v._loaded_type = v.type
             v.graph = g
-            g.initializers[tproto.name] = v
-            scope[tproto.name] = v
+            g.initializers[name] = v
+            scope[name] = v
         for sproto in proto.sparse_initializer:
             name = sproto.values.name
             existing = scope.get(name)
@@ -102,30 +109,35 @@ class _Reader:
             g._sparse_order.append(name)
 
         # Create every node and its outputs first, so that inputs can be resolved even when the
-        # producers come later (unsorted graphs load; the verifier reports them).
-        nodes: list[tuple[Node, onnx.NodeProto]] = []
+        # producers come later (unsorted graphs load; the verifier reports them). This loop runs
+        # once per node of the model: it reads each NodeProto field once and builds nothing the
+        # save does not need (attributes are read on demand, the proto is written back as is).
+        read_attribute = self.read_attribute
+        nodes: list[Node] = []
+        input_names: list[list[str]] = []
+        keys: list[tuple[str, str, str, str, str]] = []
         for nproto in proto.node:
+            key = (nproto.name, nproto.op_type, nproto.domain, nproto.overload, nproto.doc_string)
             outs = []
-            for oname in nproto.output:
+            for oname in nproto.output[:]:
                 v = Value(oname)
                 if oname:
                     scope[oname] = v
                 outs.append(v)
-            node = Node(nproto.domain, nproto.op_type, (), outputs=outs, name=nproto.name,
-                        overload=nproto.overload, doc_string=nproto.doc_string)
-            node._explicit = _explicit_defaults(nproto, _NODE_DEFAULTS)
-            if nproto.metadata_props:
-                node.metadata_props = {p.key: p.value for p in nproto.metadata_props}
-            if len(nproto.device_configurations):
-                extra = onnx.NodeProto()
-                extra.device_configurations.extend(nproto.device_configurations)
-                node._extra = extra
-            nodes.append((node, nproto))
-            g.append(node)
+            if _holds_graphs(nproto, key[1]):
+                node = Node._from_source(nproto, key, outs, None)
+                node._attrs = {}  # read below, once every value of this scope exists
+                node._source_key = None  # its subgraphs are written from the IR
+            else:
+                node = Node._from_source(nproto, key, outs, read_attribute)
+            nodes.append(node)
+            input_names.append(nproto.input[:])
+            keys.append(key)
+        g._append_loaded(nodes)
 
-        for node, nproto in nodes:
+        for node, names in zip(nodes, input_names):
             ins: list[Value | None] = []
-            for iname in nproto.input:
+            for iname in names:
                 if not iname:
                     ins.append(None)
                     continue
@@ -133,16 +145,19 @@ class _Reader:
                 if v is None:
                     v = _lookup(scopes, iname)
                 if v is None:
-                    where = f"'{nproto.name}'" if nproto.name else f"#{len(ins)}"
+                    where = f"'{node.name}'" if node.name else f"#{len(ins)}"
                     raise ModelLoadError(
-                        f"node {nproto.op_type} {where} reads '{iname}', which no node, graph input "
+                        f"node {node.op_type} {where} reads '{iname}', which no node, graph input "
                         f"or initializer of graph '{proto.name}' (or an enclosing scope) defines")
+                v._uses[(node, len(ins))] = None
                 ins.append(v)
-            node.set_inputs(ins)
-            read_graph = lambda gp, node=node: self.graph(gp, scopes, node)  # noqa: E731
-            for aproto in nproto.attribute:
-                attr = attr_from_proto(aproto, read_graph, self.tensor)
-                node.attributes[attr.name] = attr
+            node._inputs = tuple(ins)
+            attrs = node._attrs
+            if attrs is not None:  # a node with subgraphs: read its attributes in scope
+                read_graph = lambda gp, node=node: self.graph(gp, scopes, node)  # noqa: E731
+                for aproto in node._source.attribute:
+                    attr = attr_from_proto(aproto, read_graph, self.tensor)
+                    attrs[attr.name] = attr
 
         for info in proto.output:
             v = _lookup(scopes, info.name)
@@ -161,14 +176,17 @@ class _Reader:
         g.quantization_annotation = list(proto.quantization_annotation)
         if proto.metadata_props:
             g.metadata_props = {p.key: p.value for p in proto.metadata_props}
+        # Every name defined here (inputs, initializers, node outputs) is a key of ``scope``;
+        # graph outputs and node inputs resolve to such names, here or in an enclosing graph.
+        if _any_bytes(scope) or _any_bytes(chain.from_iterable(keys)) or _any_bytes((g.name, g.doc_string)):
+            raise UndecodableNameError()
         return g
 
     @staticmethod
     def _apply_info(g: Graph, role: str, v: Value, info: onnx.ValueInfoProto) -> None:
         g._infos[(role, v)] = info
-        if info.HasField("type") and v.type is None:
-            v.type = type_from_proto(info.type)
-            v._loaded_type = v.type
+        if v.type is None and info.HasField("type"):
+            v.type = v._loaded_type = type_from_proto(info.type)
         if info.doc_string and not v.doc_string:
             v.doc_string = info.doc_string
         if info.metadata_props and v.metadata_props is None:
@@ -195,6 +213,8 @@ class _Reader:
         fn._explicit = _explicit_defaults(proto, _FUNCTION_DEFAULTS)
         if proto.metadata_props:
             fn.metadata_props = {p.key: p.value for p in proto.metadata_props}
+        if _any_bytes((fn.domain, fn.name, fn.overload, fn.doc_string)):
+            raise UndecodableNameError()
         return fn
 
 
@@ -208,6 +228,42 @@ def _lookup(scopes: list[dict[str, Value]], name: str) -> Value | None:
         if v is not None:
             return v
     return None
+
+
+class UndecodableNameError(ModelLoadError):
+    """A name or string field of the proto is not valid UTF-8 (the file is corrupt).
+
+    protobuf does not check proto2 strings when parsing: an invalid one comes back as ``bytes``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the model has a name or string field that is not valid UTF-8; "
+                         "the file is corrupt")
+
+
+def _any_bytes(strings: Iterable[str | bytes]) -> bool:
+    return any(map(isinstance, strings, repeat(bytes)))  # map: no Python frame per string
+
+
+# The encoding of an AttributeProto of type GRAPH (5) or GRAPHS (10) holds its ``type`` field
+# (number 20, a varint: key bytes a0 01) as a0 01 05 or a0 01 0a. A node whose encoding has
+# neither holds no subgraph. The bytes can also occur by chance (inside a name or tensor data):
+# then the attribute types are read to be sure.
+_GRAPH_TYPE_ENCODING = re.compile(b"\xa0\x01[\x05\x0a]")
+
+
+def _holds_graphs(nproto: onnx.NodeProto, op_type: str) -> bool:
+    """True when some attribute of ``nproto`` is of type GRAPH or GRAPHS."""
+    # Encoding the node and searching it costs less than reading every attribute's type
+    # (protobuf builds a Python object per attribute), except for a Constant: its one
+    # attribute may be a large tensor.
+    if op_type != "Constant" and _GRAPH_TYPE_ENCODING.search(nproto.SerializeToString()) is None:
+        return False
+    return any(a.type in _GRAPH_TYPES for a in nproto.attribute)
+
+
+def _no_graph(proto: onnx.GraphProto) -> Graph:
+    raise AssertionError("a node whose attributes are read on demand holds no subgraph")
 
 
 def model_from_proto(proto: onnx.ModelProto, base_dir: str | None = None) -> Model:
@@ -230,6 +286,8 @@ def model_from_proto(proto: onnx.ModelProto, base_dir: str | None = None) -> Mod
         model.add_function(reader.function(fproto))
     model.training_info = list(proto.training_info)
     model.configuration = list(proto.configuration)
+    if _any_bytes((model.producer_name, model.producer_version, model.domain, model.doc_string)):
+        raise UndecodableNameError()
     return model
 
 
@@ -257,17 +315,19 @@ def _inline(tensor: Tensor) -> onnx.TensorProto:
 
 
 def graph_to_proto(g: Graph, write_tensor: TensorWriter = _inline,
-                   proto: onnx.GraphProto | None = None, *, initializers: bool = True) -> onnx.GraphProto:
+                   proto: onnx.GraphProto | None = None, *, initializers: bool = True,
+                   nodes: bool = True) -> onnx.GraphProto:
     """Write a graph (and its subgraphs); ``write_tensor`` decides how initializers are stored.
 
     With ``proto`` given, the graph is written into it (saves a copy of large initializers).
     With ``initializers=False`` this graph's (dense) initializers are left out, for a writer
-    that streams them itself; those of subgraphs are always written.
+    that streams them itself; those of subgraphs are always written. With ``nodes=False`` the
+    nodes are left out, for a writer that encodes them itself (see :func:`encode_nodes`).
     """
     if proto is None:
         proto = onnx.GraphProto()
-    for node in g:
-        _node_to_proto(node, write_tensor, proto.node.add())
+    if nodes:
+        _add_nodes(proto.node, g, write_tensor)
     _set_fields(proto, g, _GRAPH_DEFAULTS, g._explicit)
     for name, v in (g.initializers.items() if initializers else ()):
         t = v.const_value
@@ -292,21 +352,72 @@ def graph_to_proto(g: Graph, write_tensor: TensorWriter = _inline,
     return proto
 
 
+def _add_nodes(container, g: Graph, write_tensor: TensorWriter) -> None:
+    """Append the nodes of ``g`` to a repeated ``NodeProto`` field."""
+    unchanged: list[onnx.NodeProto] = []  # a run of nodes written back as read, added at once
+    for node in g:
+        source = _unchanged_source(node)
+        if source is not None:
+            unchanged.append(source)
+            continue
+        if unchanged:
+            container.extend(unchanged)
+            unchanged = []
+        _node_to_proto(node, write_tensor, container.add())
+    if unchanged:
+        container.extend(unchanged)
+
+
+def encode_nodes(g: Graph) -> list[bytes]:
+    """The encoded ``NodeProto`` of each node of ``g``, in order, tensors inline.
+
+    A writer that frames them as ``GraphProto.node`` fields itself saves copying every node
+    into a graph message before encoding it.
+    """
+    out = []
+    for node in g:
+        source = _unchanged_source(node)
+        if source is None:
+            source = _node_to_proto(node, _inline)
+        out.append(source.SerializeToString())
+    return out
+
+
+def _unchanged_source(node: Node) -> onnx.NodeProto | None:
+    """The proto ``node`` was read from, when writing the node would reproduce it exactly."""
+    key = node._source_key
+    if key is None or key != (node.name, node.op_type, node.domain, node.overload, node.doc_string):
+        return None  # new, or changed (inputs, outputs, attributes, value names, fields)
+    source = node._source
+    attrs = node._attrs
+    if attrs is not None:
+        # Read, hence possibly edited in place: unchanged when it holds the very Attr objects
+        # read from the proto, in order (an Attr is immutable and keeps its proto).
+        protos = source.attribute
+        if len(attrs) != len(protos) or any(a._proto is not p for a, p in zip(attrs.values(), protos)):
+            return None
+    props = node._metadata_props
+    if props is not _NOT_READ and (props or {}) != {p.key: p.value for p in source.metadata_props}:
+        return None
+    return source
+
+
 def _node_to_proto(node: Node, write_tensor: TensorWriter, p: onnx.NodeProto | None = None) -> onnx.NodeProto:
     # Filling ``graph.node.add()`` in place saves copying each NodeProto into the graph.
     if p is None:
         p = onnx.NodeProto()
+    source = node._source
     p.input.extend([v.name if v is not None else "" for v in node.inputs])
     p.output.extend([v.name for v in node.outputs])
-    _set_fields(p, node, _NODE_DEFAULTS, node._explicit)
+    _set_fields(p, node, _NODE_DEFAULTS, _explicit_defaults(source, _NODE_DEFAULTS) if source else ())
     p.op_type = node.op_type
     for attr in node.attributes.values():
         p.attribute.append(attr.to_proto(lambda sub: graph_to_proto(sub, write_tensor)))
     if node.metadata_props:
         for k, val in node.metadata_props.items():
             p.metadata_props.add(key=k, value=val)
-    if node._extra is not None:
-        p.device_configurations.extend(node._extra.device_configurations)
+    if source is not None and len(source.device_configurations):
+        p.device_configurations.extend(source.device_configurations)  # not modeled: kept as read
     return p
 
 
@@ -320,8 +431,7 @@ def _function_to_proto(fn: Function) -> onnx.FunctionProto:
     p.attribute.extend(fn.attributes)
     for a in fn.attribute_defaults:
         p.attribute_proto.append(a.to_proto(graph_to_proto))
-    for node in fn.graph:
-        _node_to_proto(node, _inline, p.node.add())
+    _add_nodes(p.node, fn.graph, _inline)
     for domain, version in fn.opset_imports.items():
         p.opset_import.add(domain=domain, version=version)
     for v in fn.graph.value_info:
@@ -335,10 +445,11 @@ def _function_to_proto(fn: Function) -> onnx.FunctionProto:
 
 
 def model_to_proto(model: Model, write_tensor: TensorWriter = _inline, *,
-                   main_initializers: bool = True) -> onnx.ModelProto:
+                   main_initializers: bool = True, main_nodes: bool = True) -> onnx.ModelProto:
     """Write the whole model. With the default writer all tensors are stored inline.
 
-    ``main_initializers=False`` leaves the main graph's initializers out (see ``graph_to_proto``).
+    ``main_initializers=False`` and ``main_nodes=False`` leave the main graph's initializers or
+    nodes out (see ``graph_to_proto``).
     """
     p = onnx.ModelProto()
     p.ir_version = model.ir_version
@@ -349,7 +460,8 @@ def model_to_proto(model: Model, write_tensor: TensorWriter = _inline, *,
         for domain, version in model.opset_imports.items():
             p.opset_import.add(domain=domain, version=version)
     _set_fields(p, model, _MODEL_DEFAULTS, model._explicit)
-    graph_to_proto(model.graph, write_tensor, p.graph, initializers=main_initializers)
+    graph_to_proto(model.graph, write_tensor, p.graph, initializers=main_initializers,
+                   nodes=main_nodes)
     for k, val in model.metadata_props.items():
         p.metadata_props.add(key=k, value=val)
     if model.training_info:

@@ -121,8 +121,12 @@ class Shape:
         """Read a ``TensorShapeProto``; dims with neither value nor param become ``None``."""
         dims: list[Dim] = []
         for d in proto.dim:
+            value = d.dim_value
+            if value:  # the common case, one read: a nonzero dim_value is necessarily the one set
+                dims.append(value)
+                continue
             which = d.WhichOneof("value")
-            dims.append(d.dim_value if which == "dim_value" else d.dim_param if which == "dim_param" else None)
+            dims.append(value if which == "dim_value" else d.dim_param if which == "dim_param" else None)
         return cls(dims, proto)
 
 
@@ -135,15 +139,38 @@ class TensorType:
         'float[N,4]'
     """
 
-    __slots__ = ("dtype", "shape", "_proto")
+    __slots__ = ("dtype", "_shape", "_proto")
 
     def __init__(self, dtype: int, shape: Shape | tuple | list | None = None,
                  _proto: onnx.TypeProto | None = None) -> None:
         self.dtype = int(dtype)
         if shape is not None and not isinstance(shape, Shape):
             shape = Shape(tuple(shape))
-        self.shape: Shape | None = shape
+        self._shape: Shape | None | object = shape
         self._proto = _proto
+
+    @classmethod
+    def _from_tensor_type_proto(cls, proto: onnx.TypeProto, dtype: int) -> TensorType:
+        """The type of ``proto`` (a ``tensor_type``); its shape is read when first asked for.
+
+        Loading reads the type of every graph input, output and value_info entry; most are
+        written back untouched, so decoding each dim up front would be wasted work.
+        """
+        t = cls.__new__(cls)
+        t.dtype = dtype
+        t._shape = _UNREAD
+        t._proto = proto
+        return t
+
+    @property
+    def shape(self) -> Shape | None:
+        """The shape, or ``None`` when the rank is unknown."""
+        shape = self._shape
+        if shape is _UNREAD:
+            assert self._proto is not None
+            tt = self._proto.tensor_type
+            shape = self._shape = Shape.from_proto(tt.shape) if tt.HasField("shape") else None
+        return shape  # type: ignore[return-value]
 
     def __eq__(self, other: object) -> bool:  # noqa: D105
         return isinstance(other, TensorType) and self.dtype == other.dtype and self.shape == other.shape
@@ -201,11 +228,12 @@ class OtherType:
 
 ValueType = Union[TensorType, OtherType]
 
+#: ``TensorType._shape`` before the shape of a loaded type is decoded (``None`` means unknown rank).
+_UNREAD = object()
+
 
 def type_from_proto(proto: onnx.TypeProto) -> ValueType:
     """Turn a ``TypeProto`` into a :class:`TensorType` or :class:`OtherType`, keeping the proto."""
     if proto.WhichOneof("value") == "tensor_type":
-        tt = proto.tensor_type
-        shape = Shape.from_proto(tt.shape) if tt.HasField("shape") else None
-        return TensorType(tt.elem_type, shape, proto)
+        return TensorType._from_tensor_type_proto(proto, proto.tensor_type.elem_type)
     return OtherType(proto)

@@ -9,6 +9,7 @@ way.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -144,7 +145,7 @@ class PassRegistry:
     def load_entry_points(self) -> int:
         """Register every plugin of the ``graphopt.passes`` entry-point group."""
         n = 0
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        for ep in _plugin_entry_points(tuple(sys.path)):
             try:
                 obj = ep.load()
                 n += self.load_object(obj, origin=f"plugin {ep.name} ({ep.value})")
@@ -163,3 +164,13 @@ class PassRegistry:
         if plugins:
             reg.load_entry_points()
         return reg
+
+
+@functools.lru_cache(maxsize=8)
+def _plugin_entry_points(search_path: tuple[str, ...]) -> tuple[Any, ...]:
+    """The ``graphopt.passes`` entry points visible on ``search_path``.
+
+    Scanning every installed distribution's metadata costs tens of milliseconds; it is done
+    once per distinct ``sys.path`` (a plugin installed into a new path entry is still found).
+    """
+    return tuple(entry_points(group=ENTRY_POINT_GROUP))

@@ -27,7 +27,7 @@ small); at ``ORT_DISABLE_ALL`` it runs on every call unless a matrix product abs
 
 Never touched: graph inputs (IR < 4 overridable weights), graph outputs, values listed as the
 output of any graph, names the model's ``training_info`` refers to, sparse initializers, string
-and sub-byte (float8, int4) tensors. Equal shapes are left to ``dedup-initializers``.
+and sub-byte (float8, int4) tensors. Identical copies are left to ``dedup-initializers``.
 """
 
 from __future__ import annotations
@@ -115,15 +115,22 @@ def transposition_of(original: np.ndarray, duplicate: np.ndarray, *, samples: in
         >>> transposition_of(w, w.reshape(3, 2))
         ('reshape', (3, 2))
     """
-    if original.dtype != duplicate.dtype or original.size != duplicate.size or original.shape == duplicate.shape:
+    if original.dtype != duplicate.dtype or original.size != duplicate.size:
         return None
     rng = rng or random.Random(0)
+    if original.shape == duplicate.shape:
+        positions = _sample_positions(duplicate.shape, samples, rng)
+        if all(original[p].tobytes() == duplicate[p].tobytes() for p in positions) \
+                and same_bits(original, duplicate, chunk_bytes):
+            return None  # an identical copy: dedup-initializers stores it once without any node
     for perm in _candidate_perms(original.shape, duplicate.shape):
         view = original.transpose(perm)
         positions = _sample_positions(duplicate.shape, samples, rng)
         if all(view[p].tobytes() == duplicate[p].tobytes() for p in positions) \
                 and same_bits(view, duplicate, chunk_bytes):
             return "transpose", perm
+    if original.shape == duplicate.shape:
+        return None
     flat_original, flat_duplicate = original.reshape(-1), duplicate.reshape(-1)
     positions = [rng.randrange(original.size) for _ in range(samples)]
     if all(flat_original[i].tobytes() == flat_duplicate[i].tobytes() for i in positions) \

@@ -18,7 +18,7 @@ from graphopt.passes.contrib.capabilities import CONTRIB_DOMAIN, provider_suppor
 
 __all__ = ["CONTRIB_DOMAIN", "kernel_reason", "float32_reason", "scalar_constant", "static_rank",
            "same_dim", "same_shape_reason", "last_dim", "vector_constant_reason", "dims_text",
-           "contrib_attr", "default_opset"]
+           "contrib_attr"]
 
 #: The element types the fusions rewrite (kernel support is then checked per target).
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -123,9 +123,4 @@ def contrib_attr(node: ir.Node, name: str, default: Any) -> Any:
     """An attribute of a contrib node (onnx has no schema for them, so defaults are given here)."""
     return node.attr(name, default)
 
-
-def default_opset(ctx: MatchContext) -> int | None:
-    """The default-domain opset the matched graph imports."""
-    imports = ctx.graph.opset_imports()
-    return imports.get("", imports.get("ai.onnx"))
 

@@ -10,18 +10,35 @@ Algebra: with ``q, k, v`` of shape ``[B, S, H]`` (``H = N·D``, ``N`` heads of s
 and with a causal mask (``Where(tril, scores, −big)``) the same with ``unidirectional=1``.
 
 The forms recognized, as the TorchScript and dynamo exporters of PyTorch write them (BERT-style
-encoders with three projections, GPT-2-style decoders whose ``q, k, v`` come from one ``Split``):
+encoders with three projections, GPT-2-style decoders whose ``q, k, v`` come from one ``Split``;
+checked on HF BERT and GPT-2 exported with eager and SDPA attention by both exporters):
 
-* ``split(k)ᵀ`` as ``Transpose(Reshape(k), [0, 2, 3, 1])`` or as two Transposes
-  (``[0, 2, 1, 3]`` then ``[0, 1, 3, 2]``);
+* ``split(k)ᵀ`` as ``Transpose(Reshape(k), [0, 2, 3, 1])``, as two Transposes (``[0, 2, 1, 3]``
+  then ``[0, 1, 3, 2]``) or, from the dynamo exporter, through a 3-D flatten
+  (``Reshape(Transpose(Reshape(split(k), [-1, L, D]), [0, 2, 1]), [B, N, D, L])``); the
+  normalizations ``attention-key-*`` rewrite the last two into the first;
 * the scale ``α`` as ``Div(scores, c)``, ``Mul(scores, c)``, a ``Mul`` of both ``split(q)`` and
   ``split(k)ᵀ`` by constants (the SDPA decomposition: ``α = c_q·c_k``), of ``split(q)`` only,
   or absent (``α = 1``);
 * the mask as absent, ``Add(scores, M)`` (any additive mask that broadcasts to the scores:
-  BERT's ``(1 − mask)·−10000`` of shape ``[B, 1, 1, S]``, a bool mask turned additive by
-  ``Where``), ``Where(tril, scores, fill)`` (causal; ``tril`` a constant lower-triangular
-  boolean matrix, or ``Trilu(ones, upper=0)``), or the causal ``Where`` followed by an ``Add``;
-* ``Softmax`` over the last axis.
+  BERT's ``(1 − mask)·−10000`` of shape ``[B, 1, 1, S]``, the combined causal and padding mask
+  of recent transformers, a bool mask turned additive by ``Where``), ``Where(tril, scores,
+  fill)`` (causal; ``tril`` a constant lower-triangular boolean matrix, or ``Trilu(ones,
+  upper=0)``), or the causal ``Where`` followed by an ``Add``;
+* ``Softmax`` over the last axis, optionally followed by the SDPA NaN guard
+  ``Where(IsNaN(p), 0, p)``: where the mask is provably finite the guard is a no-op and goes;
+  otherwise a row masked out entirely gives NaN probabilities (hence a zero output row), so
+  the guard is kept on the output of the fused op, where it turns that NaN row into zeros;
+* an identity ``Reshape`` of the context (SDPA exports) before the head merge, and a final
+  Reshape to another shape than ``[B, S, H]`` (e.g. ``[B·S, H]`` before a Gemm), which is kept
+  after the fused op (both hold the same elements in the same order).
+
+Reshape targets are read symbolically (``Concat`` of ``Shape``/``Gather``/``Slice`` pieces, see
+``_shapes``), so dynamic batch and sequence dims that shape inference cannot name still prove.
+Not recognized: the packed-weight ``Attention`` op is not emitted (``MultiHeadAttention`` keeps
+the three projections as they are), multi-query/grouped-query attention, attention with past
+key/values, and GPT-2's pre-4.36 causal mask sliced at run time from a ``[1, 1, 1024, 1024]``
+buffer.
 
 onnxruntime requires ``attention_bias`` to be 4-D ``[B or 1, N or 1, S, L]``; a mask of another
 shape is broadcast to that with one ``Expand`` (``[B, 1, 1, L]`` → ``[B, 1, S, L]``), which is

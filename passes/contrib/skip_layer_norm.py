@@ -38,8 +38,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
-import numpy as np
-
 from graphopt import ir
 from graphopt.pipeline import PassContext, PassResult
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet, apply_rules, constant_value
@@ -334,7 +332,7 @@ def _finish(model: ir.Model, ctx: PassContext) -> int:
                 shared += 1
                 reordered = True
             if not total.has_uses() and not total.is_graph_output():
-                total.name = ""
+                node.set_outputs(node.outputs[:1])  # only the normalized value is read
             _remove_dead_producers(graph, add)
         if reordered:
             graph.sort()  # readers of the sum may come before the fused op

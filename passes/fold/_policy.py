@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from graphopt import ir
 
-__all__ = ["FOLD_DOMAINS", "NEVER_FOLD", "CONTROL_FLOW", "why_not_foldable", "captured_values"]
+__all__ = ["FOLD_DOMAINS", "CONTROL_FLOW", "why_not_foldable", "captured_values"]
 
 #: Domains whose operators folding evaluates.
 FOLD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -33,9 +33,6 @@ _NON_TENSOR = frozenset({"SequenceConstruct", "SequenceEmpty", "SequenceInsert",
                          "SplitToSequence", "Optional", "OptionalGetElement", "OptionalHasElement",
                          "SequenceAt", "SequenceLength", "ConcatFromSequence", "ZipMap",
                          "CastMap", "DictVectorizer"})
-
-#: Operator types that are never folded, whatever their inputs.
-NEVER_FOLD = _QUANTIZATION | _RANDOM | _NON_TENSOR | {"SequenceMap"}
 
 
 def _is_training_dropout(node: ir.Node) -> bool:

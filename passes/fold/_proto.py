@@ -19,7 +19,7 @@ import onnx
 from graphopt import ir
 
 __all__ = ["ProtoMap", "node_to_proto", "light_model_proto", "value_info", "tensor_proto_of",
-           "subgraph_proto"]
+           "subgraph_proto", "walk_maps", "LIGHT_DATA_BYTES"]
 
 #: Initializers (and ``Constant`` values) up to this many bytes keep their data in light protos.
 LIGHT_DATA_BYTES = 8192
@@ -197,5 +197,3 @@ def walk_maps(root: ProtoMap, graph: onnx.GraphProto) -> Iterable[tuple[ProtoMap
             elif attr.type == onnx.AttributeProto.GRAPHS and k < len(attr.graphs):
                 pending.append((sub_map, attr.graphs[k]))
 
-
-__all__ += ["walk_maps", "LIGHT_DATA_BYTES"]

@@ -57,7 +57,8 @@ from graphopt import ir
 from graphopt.passes.fold._evaluate import Evaluated, EvaluationFailed, evaluate
 from graphopt.passes.fold._onnx_inference import infer_shapes
 from graphopt.passes.fold._policy import captured_values, why_not_foldable
-from graphopt.passes.fold._proto import node_to_proto, subgraph_proto, tensor_proto_of, value_info
+from graphopt.passes.fold._proto import (LIGHT_DATA_BYTES, node_to_proto, subgraph_proto, tensor_proto_of,
+                                         value_info)
 from graphopt.passes.fold._rules import INFERRED_TYPE, TYPE_CONFLICT
 from graphopt.passes.fold._sizes import VALUE_SIZED_OPS, semantic_bytes, type_bytes
 from graphopt.passes.fold._symbolic import SymbolicValues
@@ -524,7 +525,11 @@ class _Folder:
         ``light`` lists large constants as typed inputs instead (for shape inference).
         """
         inside = set(nodes)
-        gproto = onnx.GraphProto()
+        model = onnx.ModelProto()
+        model.ir_version = self.ir_version
+        for domain, version in graph.opset_imports().items():
+            model.opset_import.add(domain=domain, version=version)
+        gproto = model.graph  # filled in place: large constants are copied once
         gproto.name = "constant_subgraph"
         added: set[str] = set()
         for node in nodes:
@@ -535,7 +540,7 @@ class _Folder:
                 known = foldable.get(v.producer) if v.producer is not None else None
                 tensor = known.tensor if known is not None else v.const_value
                 assert isinstance(tensor, ir.Tensor)
-                if light and tensor.nbytes > 8192:
+                if light and tensor.nbytes > LIGHT_DATA_BYTES:
                     gproto.input.append(value_info(v.name, ir.TensorType(tensor.dtype, tensor.shape)))
                 elif known is not None:
                     proto = tensor.to_proto(with_data=True)
@@ -548,11 +553,6 @@ class _Folder:
             gproto.node.append(node_to_proto(node, subgraph_proto))
         for v in outputs:
             gproto.output.append(value_info(v.name, None))
-        model = onnx.ModelProto()
-        model.ir_version = self.ir_version
-        for domain, version in graph.opset_imports().items():
-            model.opset_import.add(domain=domain, version=version)
-        model.graph.CopyFrom(gproto)
         return model
 
     def _run(self, graph: ir.Graph, subs: list[_Subgraph], foldable: dict[ir.Node, Optional[_Known]],

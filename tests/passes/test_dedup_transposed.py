@@ -1,0 +1,141 @@
+"""``dedup-transposed-initializers``: exact detection, memory-bounded comparison, what stays, numbers."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt import ir
+from graphopt.passes.cleanup.dedup_transposed import DedupTransposedInitializers, same_bits, transposition_of
+from graphopt.pipeline import PassContext, PassManager, PassRegistry
+from graphopt.runtime import compare_outputs, run_model
+
+
+def tied_model(vocab: int = 300, hidden: int = 64, ir_version: int = 8, differ: bool = False) -> onnx.ModelProto:
+    """Gather from wte [V, H]; LM head MatMul by the stored transpose [H, V]."""
+    rng = np.random.default_rng(0)
+    wte = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    head = np.ascontiguousarray(wte.T)
+    if differ:
+        head[hidden - 1, vocab - 1] += 1.0
+    nodes = [helper.make_node("Gather", ["wte", "ids"], ["h"]), helper.make_node("MatMul", ["h", "head"], ["logits"])]
+    inits = [numpy_helper.from_array(wte, "wte"), numpy_helper.from_array(head, "head")]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])]
+    if ir_version < 4:
+        inputs += [helper.make_tensor_value_info("wte", TensorProto.FLOAT, [vocab, hidden]),
+                   helper.make_tensor_value_info("head", TensorProto.FLOAT, [hidden, vocab])]
+    graph = helper.make_graph(nodes, "g", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "S", vocab])], inits)
+    return helper.make_model(graph, ir_version=ir_version, opset_imports=[helper.make_opsetid("", 17 if ir_version >= 4 else 9)])
+
+
+def _run(model: onnx.ModelProto, pipeline: str = "dedup-transposed-initializers", **ctx: object) -> tuple[ir.Model, dict]:
+    graph = ir.load(model)
+    report = PassManager(pipeline, PassContext(registry=PassRegistry.default(plugins=False), **ctx)).run(graph)
+    ir.verify(graph)
+    return graph, report.totals().get("dedup-transposed-initializers", {}).get("counters", {})
+
+
+def _logits(model: onnx.ModelProto) -> np.ndarray:
+    ids = np.random.default_rng(1).integers(0, 300, (2, 5)).astype(np.int64)
+    return run_model(model, {"ids": ids})["logits"]
+
+
+def test_tied_embedding_is_stored_once_and_outputs_are_identical(tmp_path: object) -> None:
+    source = tied_model()  # 76.8 kB per copy: above min-bytes=0, below the 1 MiB default
+    graph, counters = _run(source, "dedup-transposed-initializers<min-bytes=0>")
+    assert counters == {"removed-initializers": 1, "saved-bytes": 300 * 64 * 4, "transposes": 1, "reshapes": 0}
+    assert set(graph.graph.initializers) == {"wte"}
+    transpose = next(n for n in graph.graph if n.op_type == "Transpose")
+    assert transpose.inputs[0].name == "wte" and transpose.attr("perm") == (1, 0)
+    assert transpose.outputs[0].name == "head"  # the reader's input keeps its name
+    output = ir.to_proto(graph)
+    np.testing.assert_array_equal(_logits(source), _logits(output))
+    path = os.path.join(str(tmp_path), "out.onnx")
+    ir.save(graph, path)
+    assert os.path.getsize(path) < source.ByteSize() * 0.6
+
+
+def test_default_threshold_is_one_mebibyte() -> None:
+    _, small = _run(tied_model())
+    assert not small.get("removed-initializers")
+    _, large = _run(tied_model(vocab=4200, hidden=64))  # 1.07 MB per copy
+    assert large["removed-initializers"] == 1
+
+
+@pytest.mark.parametrize("differ", [True])
+def test_a_single_different_element_keeps_both(differ: bool) -> None:
+    graph, counters = _run(tied_model(differ=differ), "dedup-transposed-initializers<min-bytes=0,samples=1>")
+    assert not counters.get("removed-initializers")
+    assert set(graph.graph.initializers) == {"wte", "head"}
+
+
+def test_overridable_weights_of_ir3_models_stay() -> None:
+    graph, counters = _run(tied_model(ir_version=3), "dedup-transposed-initializers<min-bytes=0>")
+    assert not counters.get("removed-initializers")
+    assert len(graph.graph.initializers) == 2
+
+
+def test_bisect_limit_is_honoured() -> None:
+    graph, counters = _run(tied_model(), "dedup-transposed-initializers<min-bytes=0>", bisect_limit=0)
+    assert not counters.get("removed-initializers")
+    assert len(graph.graph.initializers) == 2
+
+
+def test_o3_folds_the_transpose_into_the_product() -> None:
+    """At -O3 the contrib fusions read wte transposed in place: no Transpose runs at all."""
+    source = tied_model(vocab=4200, hidden=64)
+    graph, counters = _run(source, "O3")
+    assert counters["removed-initializers"] == 1
+    ops = [n.op_type for n in graph.graph]
+    assert "Transpose" not in ops and "FusedMatMul" in ops
+    ids = np.random.default_rng(1).integers(0, 4200, (2, 5)).astype(np.int64)
+    expected = run_model(source, {"ids": ids})
+    actual = run_model(ir.to_proto(graph), {"ids": ids})
+    assert compare_outputs(expected, actual, rtol=1e-5, atol=1e-5).ok
+
+
+# -- the comparison itself --------------------------------------------------------------------------
+def test_transposition_of_finds_permutations_and_reshapes() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    assert transposition_of(w, np.ascontiguousarray(w.transpose(2, 0, 1))) == ("transpose", (2, 0, 1))
+    assert transposition_of(w, w.reshape(12, 5)) == ("reshape", (12, 5))
+    assert transposition_of(w, np.ascontiguousarray(w.transpose(1, 0, 2))[::-1].copy()) is None
+    assert transposition_of(w, w.astype(np.float64)) is None
+    assert transposition_of(w, w.copy()) is None  # equal shapes belong to dedup-initializers
+
+
+def test_square_weights_try_every_matching_permutation() -> None:
+    w = np.arange(16, dtype=np.float32).reshape(4, 4)
+    assert transposition_of(w, np.ascontiguousarray(w.T)) == ("transpose", (1, 0))
+    symmetric = w + w.T
+    assert transposition_of(symmetric, symmetric.copy()) is None
+
+
+def test_comparison_is_bitwise() -> None:
+    zeros = np.zeros((2, 3), np.float32)
+    assert transposition_of(zeros, -np.zeros((3, 2), np.float32)) is None
+    nan = np.full((2, 3), np.nan, np.float32)
+    assert transposition_of(nan, np.ascontiguousarray(nan.T)) == ("transpose", (1, 0))
+
+
+def test_chunked_comparison_sees_a_late_difference() -> None:
+    """With one-row chunks and no lucky sample, the last element still decides."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    other = np.ascontiguousarray(w.T)
+    other[-1, -1] = np.nextafter(other[-1, -1], np.float32(np.inf))
+    assert not same_bits(w.T, other, chunk_bytes=1)
+    assert same_bits(w.T, np.ascontiguousarray(w.T), chunk_bytes=1)
+    assert transposition_of(w, other, samples=0, chunk_bytes=1, rng=random.Random(0)) is None
+
+
+def test_pass_options_are_declared() -> None:
+    assert DedupTransposedInitializers.options == {"min_bytes": 1 << 20, "samples": 64, "chunk_bytes": 16 << 20}
+    assert DedupTransposedInitializers.opt_level == 2
