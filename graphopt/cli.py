@@ -358,21 +358,30 @@ def print_cmd(model_path: str, raw: bool, max_elements: int, debug: bool, verbos
 @cli.command("why-not")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option("--rule", "rule_name", required=True, help="The rewrite rule to explain.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Execution provider the rules check kernels against.")
+@click.option("--prepare", default="topo-sort,infer-shapes", show_default=True, metavar="PIPELINE",
+              help="Pipeline run before tracing, so rules see shapes and types as they would in -O2.")
 @click.option("--load-pass", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
               help="Load passes from a Python file (repeatable).")
 @_common
 @_guard
-def why_not_cmd(model_path: str, rule_name: str, load_pass: tuple[str, ...], debug: bool,
-                verbose: bool) -> None:
+def why_not_cmd(model_path: str, rule_name: str, target: str, prepare: str,
+                load_pass: tuple[str, ...], debug: bool, verbose: bool) -> None:
     """Explain, for each candidate node of MODEL, why rule RULE does or does not fire."""
     from graphopt import ir
-    from graphopt.pipeline import PassContext
+    from graphopt._api import check_input
+    from graphopt.pipeline import PassContext, PassManager
     from graphopt.rewrite import find_rule, format_why_not, why_not
 
     registry = _registry(load_pass)
     rule = find_rule(registry, rule_name)
     model = ir.load(model_path)
-    results = why_not(model, rule, PassContext(registry=registry))
+    check_input(model)
+    ctx = PassContext(registry=registry, target=target)
+    if prepare:
+        PassManager(prepare, ctx).run(model)
+    results = why_not(model, rule, PassContext(registry=registry, target=target))
     if not results:
         click.echo(f"rule '{rule_name}': no candidate nodes in {model_path}")
         return

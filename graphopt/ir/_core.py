@@ -241,7 +241,7 @@ class Node:
 
     __slots__ = ("name", "domain", "op_type", "overload", "_inputs", "_outputs", "_attrs",
                  "doc_string", "_metadata_props", "_meta", "graph", "_link", "_source",
-                 "_source_key", "_read_attribute")
+                 "_source_key", "_encoded", "_read_attribute")
 
     def __init__(self, domain: str, op_type: str, inputs: Sequence[Value | None] = (), *,
                  attributes: Iterable[Attr] | dict[str, Any] = (), num_outputs: int = 1,
@@ -262,6 +262,7 @@ class Node:
         # graphopt does not model (device_configurations) are taken from it when it is not.
         self._source: onnx.NodeProto | None = None
         self._source_key: tuple[str, str, str, str, str] | None = None
+        self._encoded: bytes | None = None  # ``_source`` encoded, when the loader had it so
         # Set while the attributes of a loaded node are still unread (``_attrs`` is then None).
         self._read_attribute: Callable[[onnx.AttributeProto], Attr] | None = None
         self._attrs: dict[str, Attr] | None
@@ -289,10 +290,12 @@ class Node:
     @classmethod
     def _from_source(cls, source: onnx.NodeProto, key: tuple[str, str, str, str, str],
                      outputs: list[Value],
-                     read_attribute: Callable[[onnx.AttributeProto], Attr] | None) -> Node:
+                     read_attribute: Callable[[onnx.AttributeProto], Attr] | None,
+                     encoded: bytes | None = None) -> Node:
         """A node read from ``source``; ``key`` is its (name, op_type, domain, overload, doc_string).
 
-        The loader sets the inputs once every value of the graph exists. With ``read_attribute``,
+        ``encoded``, if given, is ``source.SerializeToString()``: saving writes it while the node
+        is unchanged. The loader sets the inputs once every value of the graph exists. With ``read_attribute``,
         the attributes are read from ``source`` when first asked for; without it, the caller
         sets ``_attrs`` (attributes holding subgraphs are read at load: their outer-scope
         reads are uses). Skips ``__init__``: loading builds one node per ``NodeProto``.
@@ -312,6 +315,7 @@ class Node:
         node._read_attribute = read_attribute
         node._source = source
         node._source_key = key
+        node._encoded = encoded
         return node
 
     def __repr__(self) -> str:  # noqa: D105
@@ -494,9 +498,9 @@ class _Link:
 
     __slots__ = ("node", "prev", "next", "erased")
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, prev: _Link | None = None) -> None:
         self.node = node
-        self.prev: _Link | None = None
+        self.prev = prev
         self.next: _Link | None = None
         self.erased = False
 
@@ -569,9 +573,7 @@ class Graph:
         while link is not None:
             if not link.erased:
                 yield link.node
-            link = link.next
-            while link is not None and link.erased:
-                link = link.next
+            link = link.next  # an erased box keeps its links: the walk goes on from it
 
     def __reversed__(self) -> Iterator[Node]:
         link = self._tail
@@ -632,10 +634,8 @@ class Graph:
         """
         tail = self._tail
         for node in nodes:
-            link = _Link(node)
-            node._link = link
+            link = node._link = _Link(node, tail)
             node.graph = self
-            link.prev = tail
             if tail is not None:
                 tail.next = link
             else:
@@ -791,14 +791,22 @@ class Graph:
 
     def all_nodes(self) -> Iterator[Node]:
         """Every node of this graph and of all nested subgraphs, outer before inner."""
-        for node in self:
-            yield node
-            for sub in node.subgraphs():
-                yield from sub.all_nodes()
+        # Walks the links itself (as __iter__ does): one generator per graph, not two.
+        link = self._head
+        while link is not None:
+            if not link.erased:
+                node = link.node
+                yield node
+                if node._attrs is not None:  # unread attributes hold no graph
+                    for sub in node.subgraphs():
+                        yield from sub.all_nodes()
+            link = link.next
 
     def subgraphs(self) -> Iterator[Graph]:
         """Every nested subgraph (recursively)."""
         for node in self:
+            if node._attrs is None:
+                continue  # unread attributes hold no graph (see Node.subgraphs)
             for sub in node.subgraphs():
                 yield sub
                 yield from sub.subgraphs()

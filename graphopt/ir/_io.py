@@ -166,7 +166,7 @@ def to_proto(model: Model) -> onnx.ModelProto:
     Raises:
         EmitError: the result would exceed protobuf's 2 GB limit (save to a path instead).
     """
-    total = sum(t.nbytes for t in _tensors(model))
+    total = _inline_bytes(list(_tensors(model)))
     if total > _PROTOBUF_LIMIT:
         raise EmitError(f"the model holds {total / 1e9:.1f} GB of tensors, over protobuf's 2 GB "
                         "limit for one message; save it to a path (external data) instead")
@@ -196,11 +196,20 @@ def _emit_errors() -> Iterator[None]:
         raise
 
 
-def _tensors(model: Model):
+def _tensors(model: Model) -> Iterator[Tensor]:
     for g in model.all_graphs():
         for v in g.initializers.values():
             if isinstance(v.const_value, Tensor):
                 yield v.const_value
+
+
+def _inline_bytes(tensors: list[Tensor]) -> int:
+    """Bytes the tensors take when written inline.
+
+    A tensor read from the model is written as the proto it was read from, whose encoded size
+    protobuf knows at once (``nbytes`` would decode its dims and dtype); others count their data.
+    """
+    return sum([t.to_proto().ByteSize() if type(t) is ProtoTensor else t.nbytes for t in tensors])
 
 
 def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = None,
@@ -229,9 +238,10 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
     if not os.path.isdir(out_dir):
         raise EmitError(f"cannot write '{path}': folder '{out_dir}' does not exist")
     tensors = list(_tensors(model))
-    total = sum(t.nbytes for t in tensors)
+    inline_total = None
     if external_data is None:
-        external_data = total > EXTERNAL_DATA_THRESHOLD or any(t.is_external() for t in tensors)
+        external_data = any(t.is_external() for t in tensors) or \
+            (inline_total := _inline_bytes(tensors)) > EXTERNAL_DATA_THRESHOLD
     cleanup: list[str] = []
     try:
         if external_data:
@@ -241,7 +251,8 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             data_tmp, data_file = _open_temp(out_dir, location)
             cleanup.append(data_tmp)
             with data_file:
-                writer = _ExternalWriter(data_file, location, size_threshold, progress, total)
+                writer = _ExternalWriter(data_file, location, size_threshold, progress,
+                                         sum(t.nbytes for t in tensors))
                 proto = _build_proto(model, writer)
             _write_proto(proto, path, out_dir, cleanup)
             data_path = os.path.join(out_dir, location)
@@ -250,6 +261,7 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             cleanup.remove(data_tmp)
             _repoint_overwritten(model, replaced, writer.written, out_dir)
         else:
+            total = inline_total if inline_total is not None else _inline_bytes(tensors)
             if total > _PROTOBUF_LIMIT:
                 raise EmitError(f"the model holds {total / 1e9:.1f} GB of tensors; protobuf cannot "
                                 "store over 2 GB in one file: save with external_data=True")
@@ -297,17 +309,24 @@ _INITIALIZER_KEY = _field_key(onnx.GraphProto, "initializer")
 _NODE_KEY = _field_key(onnx.GraphProto, "node")
 
 
+class _FieldPrefixes(dict):
+    """``key + varint(size)`` by size, each computed once (many payloads share a size)."""
+
+    def __init__(self, key: bytes) -> None:
+        super().__init__()
+        self.key = key
+
+    def __missing__(self, size: int) -> bytes:
+        prefix = self[size] = self.key + _varint(size)
+        return prefix
+
+
 def _framed(key: bytes, payloads: list[bytes]) -> list[bytes]:
     """``[key + length, payload, ...]``: each payload as one length-delimited field ``key``."""
-    out: list[bytes] = []
-    prefixes: dict[int, bytes] = {}  # many payloads share a length
-    for payload in payloads:
-        size = len(payload)
-        prefix = prefixes.get(size)
-        if prefix is None:
-            prefix = prefixes[size] = key + _varint(size)
-        out.append(prefix)
-        out.append(payload)
+    out = [b""] * (2 * len(payloads))
+    # map() over C functions: no Python frame per payload (models have thousands of nodes).
+    out[0::2] = map(_FieldPrefixes(key).__getitem__, map(len, payloads))
+    out[1::2] = payloads
     return out
 
 

@@ -74,12 +74,20 @@ class _Reader:
         scope: dict[str, Value] = {}
         scopes = outer + [scope]
 
+        # Values are created directly, not with ``Graph.add_input``: the model has no name cache
+        # to update while it is being read.
+        inputs = g.inputs
         for name in formal_inputs or ():
-            scope[name] = g.add_input(name)
+            v = scope[name] = Value(name)
+            v.graph = g
+            inputs.append(v)
+        apply_info = self._apply_info
         for info in proto.input:
-            v = g.add_input(info.name)
-            self._apply_info(g, "input", v, info)
-            scope[info.name] = v
+            name = info.name
+            v = scope[name] = Value(name)
+            v.graph = g
+            inputs.append(v)
+            apply_info(g, "input", v, info)
         for tproto in proto.initializer:
             tensor = self.tensor(tproto)
             name = tensor.name
@@ -124,12 +132,17 @@ class _Reader:
                 if oname:
                     scope[oname] = v
                 outs.append(v)
-            if _holds_graphs(nproto, key[1]):
+            # Whether the node holds subgraphs, from its encoding (see _GRAPH_TYPE_ENCODING),
+            # which is kept for the save. A Constant may hold a large tensor: its attribute's
+            # type is read instead.
+            encoded = nproto.SerializeToString() if key[1] != "Constant" else None
+            if (encoded is not None and _GRAPH_TYPE_ENCODING.search(encoded) is None) \
+                    or not _holds_graphs(nproto):
+                node = Node._from_source(nproto, key, outs, read_attribute, encoded)
+            else:
                 node = Node._from_source(nproto, key, outs, None)
                 node._attrs = {}  # read below, once every value of this scope exists
                 node._source_key = None  # its subgraphs are written from the IR
-            else:
-                node = Node._from_source(nproto, key, outs, read_attribute)
             nodes.append(node)
             input_names.append(nproto.input[:])
             keys.append(key)
@@ -247,18 +260,14 @@ def _any_bytes(strings: Iterable[str | bytes]) -> bool:
 
 # The encoding of an AttributeProto of type GRAPH (5) or GRAPHS (10) holds its ``type`` field
 # (number 20, a varint: key bytes a0 01) as a0 01 05 or a0 01 0a. A node whose encoding has
-# neither holds no subgraph. The bytes can also occur by chance (inside a name or tensor data):
-# then the attribute types are read to be sure.
+# neither holds no subgraph; searching the encoding costs less than reading every attribute's
+# type (protobuf builds a Python object per attribute). The bytes can also occur by chance
+# (inside a name or tensor data): then the attribute types are read to be sure.
 _GRAPH_TYPE_ENCODING = re.compile(b"\xa0\x01[\x05\x0a]")
 
 
-def _holds_graphs(nproto: onnx.NodeProto, op_type: str) -> bool:
+def _holds_graphs(nproto: onnx.NodeProto) -> bool:
     """True when some attribute of ``nproto`` is of type GRAPH or GRAPHS."""
-    # Encoding the node and searching it costs less than reading every attribute's type
-    # (protobuf builds a Python object per attribute), except for a Constant: its one
-    # attribute may be a large tensor.
-    if op_type != "Constant" and _GRAPH_TYPE_ENCODING.search(nproto.SerializeToString()) is None:
-        return False
     return any(a.type in _GRAPH_TYPES for a in nproto.attribute)
 
 
@@ -336,14 +345,11 @@ def graph_to_proto(g: Graph, write_tensor: TensorWriter = _inline,
             proto.initializer.append(write_tensor(t))
     for v in g.sparse_initializers.values():
         proto.sparse_initializer.append(v.const_value.to_proto(v.name))
-    for v in g.inputs:
-        proto.input.append(_value_info(g, "input", v))
-    for v in g.outputs:
-        proto.output.append(_value_info(g, "output", v))
-    for v in g.value_info:
-        if v.producer is not None and not v.producer.is_live():
-            continue  # its node was removed by a pass: the entry is stale
-        proto.value_info.append(_value_info(g, "value_info", v))
+    proto.input.extend([_value_info(g, "input", v) for v in g.inputs])
+    proto.output.extend([_value_info(g, "output", v) for v in g.outputs])
+    # An entry whose node a pass removed is stale: left out.
+    proto.value_info.extend([_value_info(g, "value_info", v) for v in g.value_info
+                             if v.producer is None or v.producer.is_live()])
     if g.quantization_annotation:
         proto.quantization_annotation.extend(g.quantization_annotation)
     if g.metadata_props:
@@ -378,8 +384,10 @@ def encode_nodes(g: Graph) -> list[bytes]:
     for node in g:
         source = _unchanged_source(node)
         if source is None:
-            source = _node_to_proto(node, _inline)
-        out.append(source.SerializeToString())
+            out.append(_node_to_proto(node, _inline).SerializeToString())
+        else:
+            encoded = node._encoded
+            out.append(encoded if encoded is not None else source.SerializeToString())
     return out
 
 
