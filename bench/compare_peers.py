@@ -10,7 +10,7 @@ CLI. Models: the light zoo inside the onnx package, silero-vad, NudeNet 320n, BE
 Per model and tool:
 
 - ``opt CPU`` / ``opt wall``: median CPU time (user + system, all threads) and wall time of
-  ``--repeat`` runs of the tool as a child process (interpreter start and imports included, as
+  ``--repeat`` runs (``--repeat-big`` on models over 100 MB) of the tool as a child process (interpreter start and imports included, as
   a user waits for it; CPU time is what counts on a busy machine); ``RSS``: the child's peak
   resident memory;
 - ``nodes`` (all graphs, subgraphs included), ``size`` (file plus external data);
@@ -217,7 +217,8 @@ def run_tool(tool: Tool, spec: ModelSpec, src: str, dst: str, args: argparse.Nam
     row = Row(tool.name, dst)
     cmd = tool_command(tool, src, dst, args.python, spec.transformer)
     rss = []
-    for _ in range(args.repeat):
+    repeat = args.repeat if os.path.getsize(src) < 100e6 else args.repeat_big
+    for _ in range(repeat):
         _remove_output(dst) if os.path.exists(dst) else None
         run = run_child(cmd, args.timeout)
         if run.returncode != 0 or not os.path.exists(dst):
@@ -506,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tools", default=",".join(t.name for t in TOOLS), help="comma list of tools")
     parser.add_argument("--quick", action="store_true", help="light models, 1 optimize run, short latency")
     parser.add_argument("--repeat", type=int, default=None, help="optimize runs per tool (median; default 3)")
+    parser.add_argument("--repeat-big", type=int, default=1,
+                        help="optimize runs per tool on models over 100 MB (each takes seconds to a minute)")
     parser.add_argument("--latency-budget", type=float, default=None,
                         help="seconds of interleaved timing per session group (default 10)")
     parser.add_argument("--min-rounds", type=int, default=None, help="timed rounds at least (default 10)")
@@ -532,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.models = "light" if args.models == ",".join(GROUPS) else args.models
     args.repeat = args.repeat or (1 if args.quick else 3)
+    args.repeat_big = min(args.repeat_big, args.repeat)
     args.latency_budget = args.latency_budget if args.latency_budget is not None else (1.0 if args.quick else 10.0)
     args.min_rounds = args.min_rounds or (3 if args.quick else 10)
     args.min_rounds_big = min(args.min_rounds_big, args.min_rounds)

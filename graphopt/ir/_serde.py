@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from functools import partial
-from itertools import chain, repeat
+from itertools import chain
 from typing import Callable, Iterable
 
 import onnx
@@ -255,7 +255,12 @@ class UndecodableNameError(ModelLoadError):
 
 
 def _any_bytes(strings: Iterable[str | bytes]) -> bool:
-    return any(map(isinstance, strings, repeat(bytes)))  # map: no Python frame per string
+    """True when one of ``strings`` is ``bytes`` (what protobuf gives for invalid UTF-8)."""
+    try:
+        "".join(strings)  # one C loop over thousands of names; it refuses a bytes item
+    except TypeError:
+        return True
+    return False
 
 
 # The encoding of an AttributeProto of type GRAPH (5) or GRAPHS (10) holds its ``type`` field
