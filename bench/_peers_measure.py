@@ -181,7 +181,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         try:
             onnx.checker.check_model(v["path"])
             results[v["label"]]["checker"] = None
-        except Exception as exc:  # any checker complaint is a finding, not a crash
+        except Exception as exc:  # noqa: BLE001 - any checker complaint is a finding, not a crash
             results[v["label"]]["checker"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
     original = variants[0]
@@ -216,7 +216,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
                     entry.session, dt = _session(entry.path, entry.level)
                     entry.create_s.append(dt)
                 out = _run(entry.session, _feeds_for(entry.session, feeds))
-            except Exception as exc:  # a variant that fails to load or run is a result
+            except Exception as exc:  # noqa: BLE001 - a variant that fails to load or run is a result
                 res[f"error_{key}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 entry.session = None
                 continue

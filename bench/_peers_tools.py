@@ -30,15 +30,16 @@ Tools:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
-import atexit
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-__all__ = ["Tool", "TOOLS", "tool_command", "REPORT_PREFIX", "parse_report"]
+__all__ = ["REPORT_PREFIX", "TOOLS", "Tool", "parse_report", "tool_command"]
 
 #: Prefix of the stderr line in which a child reports its times and peak memory.
 REPORT_PREFIX = "@@peers "

@@ -43,7 +43,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -58,9 +57,16 @@ import onnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import BENCH_DIR, OUT_DIR, fmt_bytes, fmt_seconds, print_table, write_json  # noqa: E402
-from _peer_models import GROUPS, ModelSpec, ensure_model, make_feeds, model_specs, site_packages  # noqa: E402
-from _peers_tools import TOOLS, Tool, parse_report, tool_command  # noqa: E402
+from _common import BENCH_DIR, OUT_DIR, fmt_bytes, fmt_seconds, print_table, write_json
+from _peer_models import (
+    GROUPS,
+    ModelSpec,
+    ensure_model,
+    make_feeds,
+    model_specs,
+    site_packages,
+)
+from _peers_tools import TOOLS, Tool, parse_report, tool_command
 
 VENV_DIR = os.path.join(OUT_DIR, "venv")
 REQUIREMENTS = os.path.join(BENCH_DIR, "requirements-peers.txt")
@@ -219,7 +225,7 @@ def run_tool(tool: Tool, spec: ModelSpec, src: str, dst: str, args: argparse.Nam
     rss = []
     repeat = args.repeat if os.path.getsize(src) < 100e6 else args.repeat_big
     for _ in range(repeat):
-        _remove_output(dst) if os.path.exists(dst) else None
+        _remove_output(dst)
         run = run_child(cmd, args.timeout)
         if run.returncode != 0 or not os.path.exists(dst):
             row.error = _error_line(run) if run.returncode != 0 else "wrote no output"
@@ -242,7 +248,7 @@ def bench_model(spec: ModelSpec, tools: list[Tool], args: argparse.Namespace) ->
     record: dict[str, Any] = {"model": spec.name, "group": spec.group, "rows": []}
     try:
         src = ensure_model(spec, args.python)
-    except Exception as exc:  # a model that cannot be had is reported, not fatal
+    except Exception as exc:  # noqa: BLE001 - a model that cannot be had is reported, not fatal
         record["error"] = str(exc)
         return record
     work = os.path.join(args.out_dir, "runs", spec.name)
@@ -269,7 +275,7 @@ def bench_model(spec: ModelSpec, tools: list[Tool], args: argparse.Namespace) ->
             row.top_nodes, row.nodes = node_counts(row.path)
             row.nbytes = model_bytes(row.path)
             row.digest = _digest(row.path)
-        except Exception as exc:  # an unreadable output is that tool's failure
+        except Exception as exc:  # noqa: BLE001 - an unreadable output is that tool's failure
             row.error = f"unreadable output: {type(exc).__name__}: {exc}"[:300]
             row.path = None
 
@@ -572,7 +578,7 @@ def _tool_versions(python: str) -> dict[str, str]:
             "'onnxoptimizer', 'onnxscript', 'onnx-ir', 'torch', 'transformers', 'silero-vad', 'nudenet', "
             "'graphopt', 'numpy']\nout = {}\nfor n in names:\n    try: out[n] = m.version(n)\n"
             "    except m.PackageNotFoundError: pass\nprint(json.dumps(out))")
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
     return json.loads(proc.stdout) if proc.returncode == 0 else {}
 
 

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 
 from graphopt import ir
+# Shared with the cleanup passes: which values a pass may never drop or rename.
+from graphopt.passes.cleanup._scope import is_default_domain, pinned_outputs, training_names
 from graphopt.rewrite import constant_value
 
 __all__ = [
@@ -34,11 +36,6 @@ INT_MAX = 2**31 - 1
 
 #: What :func:`node_axes` returns when the node has no axes at all (attribute and input absent).
 AXES_ABSENT: tuple[int, ...] = ()
-
-
-def is_default_domain(domain: str) -> bool:
-    """True for the standard ONNX operator domain (spelled ``""`` or ``"ai.onnx"``)."""
-    return domain in ("", "ai.onnx")
 
 
 def int_list(value: ir.Value | None) -> list[int] | None:
@@ -152,29 +149,3 @@ def _rank(value: ir.Value) -> int | None:
     dims = dims_of(value)
     return None if dims is None else len(dims)
 
-
-def pinned_outputs(model: ir.Model) -> set[int]:
-    """Ids of every value some graph lists as an output (its own graph's or, in loose models, another's)."""
-    return {id(v) for g in model.all_graphs() for v in g.outputs}
-
-
-def training_names(model: ir.Model) -> set[str]:
-    """Value names the model's ``training_info`` refers to (its graphs read them by name)."""
-    names: set[str] = set()
-    pending: list[onnx.GraphProto] = []
-    for info in model.training_info:
-        for binding in list(info.initialization_binding) + list(info.update_binding):
-            names.update((binding.key, binding.value))
-        pending.extend([info.initialization, info.algorithm])
-    while pending:
-        graph = pending.pop()
-        names.update(v.name for v in graph.output)
-        for node in graph.node:
-            names.update(node.input)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    pending.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    pending.extend(attr.graphs)
-    names.discard("")
-    return names
