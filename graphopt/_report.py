@@ -345,6 +345,9 @@ def write_text_atomic(path: str | os.PathLike, text: str, what: str = "report") 
     check_report_path(path, what)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)  # mkstemp's owner-only mode is not what a report file should have
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -362,3 +362,13 @@ def test_python_api_never_mutates_proto():
     assert proto.SerializeToString() == before
     assert len(out.graph.node) < len(proto.graph.node)
     onnx.checker.check_model(out)
+
+
+def test_output_files_get_the_usual_permissions(tmp_path):
+    out, rep = str(tmp_path / "o.onnx"), str(tmp_path / "r.json")
+    code, _, stderr = _run("optimize", EXAMPLE, "-o", out, "--report", rep, "-q")
+    assert code == 0, stderr
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (out, rep):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, oct(os.stat(path).st_mode)

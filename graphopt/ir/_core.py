@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from graphopt.ir._attrs import Attr
-from graphopt.ir._types import OtherType, Shape, TensorType, ValueType
+from graphopt.ir._types import OtherType, Shape, TensorType, ValueType, type_from_proto
 
 if TYPE_CHECKING:
     from graphopt.ir._tensors import SparseTensor, Tensor
@@ -29,7 +29,8 @@ __all__ = ["Value", "Node", "Graph", "Function", "Model", "Use"]
 #: A use of a value: the consuming node and the input index.
 Use = tuple["Node", int]
 
-#: ``Node._metadata_props`` of a loaded node until they are first asked for.
+#: A field of a loaded object not read from its proto yet (``Value._type``,
+#: ``Node._metadata_props``): it is read when first asked for.
 _NOT_READ = object()
 
 
@@ -51,13 +52,15 @@ class Value:
         (('N', 3), [])
     """
 
-    __slots__ = ("_name", "type", "const_value", "producer", "index", "graph", "doc_string",
-                 "metadata_props", "_meta", "_uses", "_loaded_type")
+    __slots__ = ("_name", "_type", "const_value", "producer", "index", "graph", "doc_string",
+                 "metadata_props", "_meta", "_uses", "_loaded_type", "_type_source")
 
     def __init__(self, name: str = "", type: ValueType | None = None, *,
                  const_value: Tensor | SparseTensor | None = None) -> None:
         self._name = name
-        self.type: ValueType | None = type
+        # ``_NOT_READ`` while the type of a loaded value is still in ``_type_source`` (the
+        # ValueInfoProto it was declared in; that slot is set only then).
+        self._type: ValueType | None | object = type
         self.const_value = const_value
         self.producer: Node | None = None
         self.index: int | None = None
@@ -71,6 +74,21 @@ class Value:
 
     def __repr__(self) -> str:  # noqa: D105
         return f"Value({self.name!r}, {self.type})"
+
+    @property
+    def type(self) -> ValueType | None:
+        """A :class:`TensorType`, an :class:`OtherType`, or ``None`` when unknown."""
+        t = self._type
+        if t is _NOT_READ:
+            # Read on first use: most declared types of a loaded model are written back as is.
+            info = self._type_source
+            t = type_from_proto(info.type) if info.HasField("type") else None
+            self._type = self._loaded_type = t
+        return t  # type: ignore[return-value]
+
+    @type.setter
+    def type(self, type: ValueType | None) -> None:
+        self._type = type
 
     @property
     def name(self) -> str:
@@ -107,8 +125,9 @@ class Value:
     @property
     def dtype(self) -> int | None:
         """Element type when the value is a tensor of known type."""
-        if isinstance(self.type, TensorType):
-            return self.type.dtype
+        t = self.type
+        if isinstance(t, TensorType):
+            return t.dtype
         if self.const_value is not None:
             return self.const_value.dtype
         return None
@@ -116,8 +135,9 @@ class Value:
     @property
     def shape(self) -> Shape | None:
         """Shape when known (from the type, or from the constant)."""
-        if isinstance(self.type, TensorType) and self.type.shape is not None:
-            return self.type.shape
+        t = self.type
+        if isinstance(t, TensorType) and t.shape is not None:
+            return t.shape
         if self.const_value is not None:
             return Shape(self.const_value.shape)
         return None
@@ -230,7 +250,8 @@ class Node:
 
     Inputs are a tuple of :class:`Value` or ``None`` (an omitted optional input); change them only
     with :meth:`replace_input`, :meth:`set_inputs` or :meth:`append_input`, which keep use lists
-    true. Outputs are created with the node.
+    true. Outputs are created with the node. A node read from a model reads its attributes on
+    first access and is written back as read until something about it changes.
 
     Example:
         >>> x = Value("x")
@@ -295,10 +316,11 @@ class Node:
         """A node read from ``source``; ``key`` is its (name, op_type, domain, overload, doc_string).
 
         ``encoded``, if given, is ``source.SerializeToString()``: saving writes it while the node
-        is unchanged. The loader sets the inputs once every value of the graph exists. With ``read_attribute``,
-        the attributes are read from ``source`` when first asked for; without it, the caller
-        sets ``_attrs`` (attributes holding subgraphs are read at load: their outer-scope
-        reads are uses). Skips ``__init__``: loading builds one node per ``NodeProto``.
+        is unchanged. The loader sets the inputs once every value of the graph exists. With
+        ``read_attribute``, the attributes are read from ``source`` when first asked for;
+        without it, the caller sets ``_attrs`` (attributes holding subgraphs are read at load:
+        their outer-scope reads are uses). Skips ``__init__``: loading builds one node per
+        ``NodeProto``.
         """
         node = cls.__new__(cls)
         node.name, node.op_type, node.domain, node.overload, node.doc_string = key

@@ -12,6 +12,7 @@ import gc
 import os
 import tempfile
 from contextlib import contextmanager
+from math import prod
 from typing import BinaryIO, Callable, Iterator, Union
 
 import onnx
@@ -20,7 +21,7 @@ from google.protobuf.message import DecodeError
 from graphopt.errors import EmitError, ModelLoadError
 from graphopt.ir._core import Model
 from graphopt.ir._serde import UndecodableNameError, encode_nodes, model_from_proto, model_to_proto
-from graphopt.ir._tensors import ExternalTensor, ProtoTensor, Tensor
+from graphopt.ir._tensors import ExternalTensor, ProtoTensor, Tensor, storage_nbytes
 
 __all__ = ["load", "save", "to_proto", "ModelSource"]
 
@@ -37,8 +38,10 @@ def load(source: ModelSource, *, base_dir: str | None = None,
     """Load a model into the IR from a path, serialized bytes or a ``ModelProto``.
 
     External data is not read: it is memory-mapped on demand. A ``ModelProto`` passed in is
-    never modified. ``progress``, if given, is called with (bytes read, file size) as a file is
-    read.
+    never modified, but the model reads its tensors, declared types and ``Constant`` values
+    from it (on first use, and to write them back): leave it unchanged while the model is in
+    use. Its nodes take a copy of their own, which loading from a path or bytes does without.
+    ``progress``, if given, is called with (bytes read, file size) as a file is read.
 
     Raises:
         ModelLoadError: the file is missing, unreadable, truncated or not an ONNX model, or its
@@ -53,24 +56,24 @@ def load(source: ModelSource, *, base_dir: str | None = None,
         return source
     if isinstance(source, onnx.ModelProto):
         _check_looks_like_onnx(source, "the given ModelProto")
-        return _from_proto(source, base_dir, "the given ModelProto")
+        return _from_proto(source, base_dir, "the given ModelProto", owned=False)
     if isinstance(source, (bytes, bytearray, memoryview)):
         proto = _parse(bytes(source), "the given bytes")
-        return _from_proto(proto, base_dir, "the given bytes")
+        return _from_proto(proto, base_dir, "the given bytes", owned=True)
     path = os.fspath(source)
-    if not os.path.exists(path):
-        raise ModelLoadError(f"model file '{path}' does not exist")
-    if os.path.isdir(path):
-        raise ModelLoadError(f"'{path}' is a folder, not an ONNX model file")
     try:
         with open(path, "rb") as f:
             data = _read(f, progress)
-    except OSError as exc:
+    except FileNotFoundError:
+        raise ModelLoadError(f"model file '{path}' does not exist") from None
+    except OSError as exc:  # the checks are made on failure only: small models load in a millisecond
+        if os.path.isdir(path):
+            raise ModelLoadError(f"'{path}' is a folder, not an ONNX model file") from None
         raise ModelLoadError(f"cannot read '{path}': {exc.strerror}") from None
     proto = _parse(data, f"'{path}'")
     del data
     return _from_proto(proto, base_dir if base_dir is not None else os.path.dirname(os.path.abspath(path)),
-                       f"'{path}'")
+                       f"'{path}'", owned=True)
 
 
 def _read(f: BinaryIO, progress: Callable[[int, int], None] | None) -> bytes:
@@ -86,13 +89,13 @@ def _read(f: BinaryIO, progress: Callable[[int, int], None] | None) -> bytes:
     return b"".join(chunks)
 
 
-def _from_proto(proto: onnx.ModelProto, base_dir: str | None, what: str) -> Model:
+def _from_proto(proto: onnx.ModelProto, base_dir: str | None, what: str, *, owned: bool) -> Model:
     # Building the IR allocates many objects and frees none: the cyclic collector's passes would
     # only rescan them (about half of the load time on graphs of thousands of nodes).
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return model_from_proto(proto, base_dir)
+        return model_from_proto(proto, base_dir, owned=owned)
     except (UnicodeDecodeError, UndecodableNameError):
         # proto2 strings are not checked when parsed: invalid UTF-8 comes back as bytes (the
         # reader checks every name), or raises when read. Either way the file is corrupt.
@@ -166,7 +169,7 @@ def to_proto(model: Model) -> onnx.ModelProto:
     Raises:
         EmitError: the result would exceed protobuf's 2 GB limit (save to a path instead).
     """
-    total = _inline_bytes(list(_tensors(model)))
+    total = _tensor_bytes(list(_tensors(model)))
     if total > _PROTOBUF_LIMIT:
         raise EmitError(f"the model holds {total / 1e9:.1f} GB of tensors, over protobuf's 2 GB "
                         "limit for one message; save it to a path (external data) instead")
@@ -203,13 +206,30 @@ def _tensors(model: Model) -> Iterator[Tensor]:
                 yield v.const_value
 
 
-def _inline_bytes(tensors: list[Tensor]) -> int:
-    """Bytes the tensors take when written inline.
+def _tensor_bytes(tensors: list[Tensor]) -> int:
+    """The tensors' ``nbytes`` added up.
 
-    A tensor read from the model is written as the proto it was read from, whose encoded size
-    protobuf knows at once (``nbytes`` would decode its dims and dtype); others count their data.
+    Models hold thousands of small tensors: for one read from the model, the count comes from
+    its proto's dims and the bytes per element of its dtype (known after the first tensor of
+    that dtype), skipping ``nbytes``' properties and tuples. Not ``ByteSize()``: protobuf
+    encodes the whole tensor to answer it.
     """
-    return sum([t.to_proto().ByteSize() if type(t) is ProtoTensor else t.nbytes for t in tensors])
+    total = 0
+    per_element: dict[int, int] = {}  # by dtype; 0 for types packed below a byte, and strings
+    for t in tensors:
+        if type(t) is not ProtoTensor:
+            total += t.nbytes
+            continue
+        proto = t.to_proto()
+        dtype = proto.data_type
+        size = per_element.get(dtype)
+        if size is None:
+            size = storage_nbytes(dtype, (1,))
+            if storage_nbytes(dtype, (2,)) != 2 * size or dtype == onnx.TensorProto.STRING:
+                size = 0
+            per_element[dtype] = size
+        total += size * prod(proto.dims[:]) if size else t.nbytes  # [:]: a list, read at once
+    return total
 
 
 def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = None,
@@ -238,10 +258,9 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
     if not os.path.isdir(out_dir):
         raise EmitError(f"cannot write '{path}': folder '{out_dir}' does not exist")
     tensors = list(_tensors(model))
-    inline_total = None
+    total = _tensor_bytes(tensors)
     if external_data is None:
-        external_data = any(t.is_external() for t in tensors) or \
-            (inline_total := _inline_bytes(tensors)) > EXTERNAL_DATA_THRESHOLD
+        external_data = total > EXTERNAL_DATA_THRESHOLD or any(t.is_external() for t in tensors)
     cleanup: list[str] = []
     try:
         if external_data:
@@ -251,8 +270,7 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             data_tmp, data_file = _open_temp(out_dir, location)
             cleanup.append(data_tmp)
             with data_file:
-                writer = _ExternalWriter(data_file, location, size_threshold, progress,
-                                         sum(t.nbytes for t in tensors))
+                writer = _ExternalWriter(data_file, location, size_threshold, progress, total)
                 proto = _build_proto(model, writer)
             _write_proto(proto, path, out_dir, cleanup)
             data_path = os.path.join(out_dir, location)
@@ -261,7 +279,6 @@ def save(model: Model, path: str | os.PathLike, *, external_data: bool | None = 
             cleanup.remove(data_tmp)
             _repoint_overwritten(model, replaced, writer.written, out_dir)
         else:
-            total = inline_total if inline_total is not None else _inline_bytes(tensors)
             if total > _PROTOBUF_LIMIT:
                 raise EmitError(f"the model holds {total / 1e9:.1f} GB of tensors; protobuf cannot "
                                 "store over 2 GB in one file: save with external_data=True")
@@ -287,7 +304,16 @@ def _open_temp(folder: str, name: str) -> tuple[str, BinaryIO]:
     milliseconds per file); the rename alone makes the file appear whole or not at all.
     """
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(name)}.", suffix=".tmp", dir=folder)
+    # mkstemp creates the file readable by its owner only; give it the mode a plain open() would.
+    os.fchmod(fd, 0o666 & ~_umask())
     return tmp, os.fdopen(fd, "wb")
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; it is restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _varint(n: int) -> bytes:

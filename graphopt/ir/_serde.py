@@ -2,8 +2,13 @@
 
 Everything the IR does not model (training_info, device configurations, quantization
 annotations, presence of fields set to their default value) is carried as is, and pieces that no
-pass touched (tensors, attributes, value infos) are written back as the very protos they were
-read from. ``to_proto(from_proto(m)) == m`` holds field by field.
+pass touched (nodes, tensors, attributes, value infos) are written back as the very protos they
+were read from. ``to_proto(from_proto(m)) == m`` holds field by field.
+
+Loading does the least it can per node, since a model has thousands: a node keeps its
+``NodeProto`` (and its encoding), reads its attributes only when asked (except those holding
+subgraphs, whose reads of outer values are uses), and is written back as read until it changes;
+declared value types are decoded on first use too.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from graphopt.errors import ExternalDataError, ModelLoadError
 from graphopt.ir._attrs import _GRAPH_TYPES, Attr, attr_from_proto
 from graphopt.ir._core import _NOT_READ, Function, Graph, Model, Node, Value
 from graphopt.ir._tensors import ExternalTensor, ProtoTensor, SparseTensor, Tensor
-from graphopt.ir._types import Shape, TensorType, type_from_proto
+from graphopt.ir._types import Shape, TensorType
 
-__all__ = ["model_from_proto", "model_to_proto", "graph_to_proto", "encode_nodes", "UndecodableNameError"]
+__all__ = ["model_from_proto", "model_to_proto", "graph_to_proto", "encode_nodes",
+           "UndecodableNameError"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +57,9 @@ def _set_fields(proto, obj, fields: tuple[str, ...], explicit: tuple[str, ...]) 
 class _Reader:
     """Builds the IR of one model; resolves names through nested scopes."""
 
-    def __init__(self, base_dir: str | None) -> None:
+    def __init__(self, base_dir: str | None, owned: bool) -> None:
         self.base_dir = base_dir
+        self.owned = owned
         # Reads one attribute of a node without subgraphs, when the node's attributes are first
         # asked for (most never are: saving writes the node's proto back as is).
         self.read_attribute = partial(attr_from_proto, read_graph=_no_graph, read_tensor=self.tensor)
@@ -121,6 +128,7 @@ class _Reader:
         # once per node of the model: it reads each NodeProto field once and builds nothing the
         # save does not need (attributes are read on demand, the proto is written back as is).
         read_attribute = self.read_attribute
+        owned = self.owned
         nodes: list[Node] = []
         input_names: list[list[str]] = []
         keys: list[tuple[str, str, str, str, str]] = []
@@ -136,9 +144,14 @@ class _Reader:
             # which is kept for the save. A Constant may hold a large tensor: its attribute's
             # type is read instead.
             encoded = nproto.SerializeToString() if key[1] != "Constant" else None
+            if not owned and encoded is not None:
+                # The caller keeps the proto and may edit it: the node keeps a copy of its own.
+                nproto = onnx.NodeProto.FromString(encoded)
             if (encoded is not None and _GRAPH_TYPE_ENCODING.search(encoded) is None) \
                     or not _holds_graphs(nproto):
                 node = Node._from_source(nproto, key, outs, read_attribute, encoded)
+                if not owned and encoded is None:
+                    node._source_key = None  # a Constant of the caller's proto: written from the IR
             else:
                 node = Node._from_source(nproto, key, outs, None)
                 node._attrs = {}  # read below, once every value of this scope exists
@@ -150,19 +163,17 @@ class _Reader:
 
         for node, names in zip(nodes, input_names):
             ins: list[Value | None] = []
-            for iname in names:
+            for i, iname in enumerate(names):
                 if not iname:
                     ins.append(None)
                     continue
-                v = scope.get(iname)  # most inputs are defined in this graph
+                v = scope.get(iname) or _lookup(scopes, iname)  # most are defined in this graph
                 if v is None:
-                    v = _lookup(scopes, iname)
-                if v is None:
-                    where = f"'{node.name}'" if node.name else f"#{len(ins)}"
+                    where = f"'{node.name}'" if node.name else f"#{i}"
                     raise ModelLoadError(
                         f"node {node.op_type} {where} reads '{iname}', which no node, graph input "
                         f"or initializer of graph '{proto.name}' (or an enclosing scope) defines")
-                v._uses[(node, len(ins))] = None
+                v._uses[(node, i)] = None
                 ins.append(v)
             node._inputs = tuple(ins)
             attrs = node._attrs
@@ -198,8 +209,13 @@ class _Reader:
     @staticmethod
     def _apply_info(g: Graph, role: str, v: Value, info: onnx.ValueInfoProto) -> None:
         g._infos[(role, v)] = info
-        if v.type is None and info.HasField("type"):
-            v.type = v._loaded_type = type_from_proto(info.type)
+        t = v._type
+        if t is _NOT_READ:
+            t = v.type  # declared by an earlier entry, which may have no type
+        if t is None:
+            # The first entry with a type gives the value's type, read when first asked for.
+            v._type = _NOT_READ
+            v._type_source = info
         if info.doc_string and not v.doc_string:
             v.doc_string = info.doc_string
         if info.metadata_props and v.metadata_props is None:
@@ -280,12 +296,16 @@ def _no_graph(proto: onnx.GraphProto) -> Graph:
     raise AssertionError("a node whose attributes are read on demand holds no subgraph")
 
 
-def model_from_proto(proto: onnx.ModelProto, base_dir: str | None = None) -> Model:
+def model_from_proto(proto: onnx.ModelProto, base_dir: str | None = None, *,
+                     owned: bool = False) -> Model:
     """Build the IR of ``proto``. External data is resolved (lazily) against ``base_dir``.
 
-    The proto is not modified; tensors of the IR refer to it until a pass replaces them.
+    The proto is not modified. The IR refers to it: tensors, declared types and the attributes
+    of ``Constant`` nodes are read from it when first used, and written back from it while
+    unchanged; unchanged nodes are written back as read. Unless ``owned`` (the caller parsed
+    the proto and hands it over), nodes keep a copy of their proto: the caller may edit its own.
     """
-    reader = _Reader(base_dir)
+    reader = _Reader(base_dir, owned)
     graph = reader.graph(proto.graph, [])
     model = Model(graph, ir_version=proto.ir_version,
                   opset_imports={o.domain: o.version for o in proto.opset_import},
@@ -307,7 +327,8 @@ def model_from_proto(proto: onnx.ModelProto, base_dir: str | None = None) -> Mod
 
 def _value_info(g: Graph, role: str, v: Value) -> onnx.ValueInfoProto:
     original = g._infos.get((role, v))
-    if original is not None and original.name == v.name and v.type is v._loaded_type:
+    type_as_read = v._type is _NOT_READ or v._type is v._loaded_type
+    if original is not None and original.name == v.name and type_as_read:
         return original
     info = onnx.ValueInfoProto()
     info.name = v.name
@@ -422,7 +443,8 @@ def _node_to_proto(node: Node, write_tensor: TensorWriter, p: onnx.NodeProto | N
     source = node._source
     p.input.extend([v.name if v is not None else "" for v in node.inputs])
     p.output.extend([v.name for v in node.outputs])
-    _set_fields(p, node, _NODE_DEFAULTS, _explicit_defaults(source, _NODE_DEFAULTS) if source else ())
+    explicit = _explicit_defaults(source, _NODE_DEFAULTS) if source is not None else ()
+    _set_fields(p, node, _NODE_DEFAULTS, explicit)
     p.op_type = node.op_type
     for attr in node.attributes.values():
         p.attribute.append(attr.to_proto(lambda sub: graph_to_proto(sub, write_tensor)))
