@@ -77,8 +77,16 @@ def _candidate_perms(source: tuple[int, ...], target: tuple[int, ...]) -> list[t
             if p != identity and all(source[p[i]] == target[i] for i in range(rank))]
 
 
-def _sample_positions(shape: tuple[int, ...], count: int, rng: random.Random) -> list[tuple[int, ...]]:
-    return [tuple(rng.randrange(d) for d in shape) for _ in range(count)]
+def _sample_positions(shape: tuple[int, ...], count: int, rng: random.Random) -> tuple[np.ndarray, ...]:
+    """``count`` seeded positions as one index array per axis (for a single fancy-indexing read)."""
+    gen = np.random.default_rng(rng.getrandbits(64))
+    return tuple(gen.integers(0, d, size=count) for d in shape)
+
+
+def _samples_agree(a: np.ndarray, b: np.ndarray, positions: tuple[np.ndarray, ...]) -> bool:
+    """True when ``a`` and ``b`` hold the same bits at every sampled position."""
+    return bool(np.array_equal(_bits(np.ascontiguousarray(a[positions])),
+                               _bits(np.ascontiguousarray(b[positions]))))
 
 
 def _chunks(total_rows: int, row_bytes: int, chunk_bytes: int) -> Iterator[slice]:
@@ -120,20 +128,18 @@ def transposition_of(original: np.ndarray, duplicate: np.ndarray, *, samples: in
     rng = rng or random.Random(0)
     if original.shape == duplicate.shape:
         positions = _sample_positions(duplicate.shape, samples, rng)
-        if all(original[p].tobytes() == duplicate[p].tobytes() for p in positions) \
-                and same_bits(original, duplicate, chunk_bytes):
+        if _samples_agree(original, duplicate, positions) and same_bits(original, duplicate, chunk_bytes):
             return None  # an identical copy: dedup-initializers stores it once without any node
     for perm in _candidate_perms(original.shape, duplicate.shape):
         view = original.transpose(perm)
         positions = _sample_positions(duplicate.shape, samples, rng)
-        if all(view[p].tobytes() == duplicate[p].tobytes() for p in positions) \
-                and same_bits(view, duplicate, chunk_bytes):
+        if _samples_agree(view, duplicate, positions) and same_bits(view, duplicate, chunk_bytes):
             return "transpose", perm
     if original.shape == duplicate.shape:
         return None
     flat_original, flat_duplicate = original.reshape(-1), duplicate.reshape(-1)
-    positions = [rng.randrange(original.size) for _ in range(samples)]
-    if all(flat_original[i].tobytes() == flat_duplicate[i].tobytes() for i in positions) \
+    positions = _sample_positions((original.size,), samples, rng)
+    if _samples_agree(flat_original, flat_duplicate, positions) \
             and same_bits(original.reshape(duplicate.shape), duplicate, chunk_bytes):
         return "reshape", tuple(duplicate.shape)
     return None
