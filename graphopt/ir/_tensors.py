@@ -125,11 +125,12 @@ class Tensor:
 class ProtoTensor(Tensor):
     """A tensor read from a model, kept as its ``TensorProto`` and written back as is."""
 
-    __slots__ = ("_proto",)
+    __slots__ = ("_proto", "_array")
 
     def __init__(self, proto: onnx.TensorProto) -> None:
         super().__init__(proto.name, proto.doc_string)
         self._proto = proto
+        self._array: np.ndarray | None = None
 
     @property
     def dtype(self) -> int:  # type: ignore[override]
@@ -141,9 +142,19 @@ class ProtoTensor(Tensor):
         """Static shape."""
         return tuple(self._proto.dims)
 
+    #: Decoded arrays up to this size are kept: rule checks read the same small constants often.
+    CACHE_BYTES = 1 << 20
+
     def numpy(self) -> np.ndarray:
         """Decode the proto with ``onnx.numpy_helper`` (ml_dtypes for float8/int4)."""
-        return numpy_helper.to_array(self._proto)
+        cached = self._array
+        if cached is not None:
+            return cached
+        array = numpy_helper.to_array(self._proto)
+        if array.nbytes <= self.CACHE_BYTES:
+            array.flags.writeable = False  # shared by every reader: nobody may change it in place
+            self._array = array
+        return array
 
     def iter_bytes(self) -> Iterator[bytes]:
         """Yield raw bytes; raw storage is yielded without decoding."""
