@@ -393,6 +393,10 @@ _TOOL_COMMANDS: list[tuple[str, str, str]] = [
     ("verify", "graphopt._cli_verify", "verify"),
     ("bench", "graphopt._cli_bench", "bench"),
     ("inspect", "graphopt._cli_inspect", "inspect_cmd"),
+    ("quantize", "graphopt._cli_quantize", "quantize"),
+    ("prune", "graphopt._cli_prune", "prune"),
+    ("partition", "graphopt._cli_partition", "partition"),
+    ("run", "graphopt._cli_run", "run"),
 ]
 
 

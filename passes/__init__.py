@@ -17,7 +17,10 @@ from graphopt.passes.cleanup.dedup_transposed import DedupTransposedInitializers
 from graphopt.passes.contrib import CONTRIB_PASSES
 from graphopt.passes.fold import FoldConstants, InferShapes
 from graphopt.passes.fusion import FUSION_PASSES
+from graphopt.passes.partition import PASSES as PARTITION_PASSES
 from graphopt.passes.pipelines import PIPELINES
+from graphopt.passes.prune import PASSES as PRUNE_PASSES
+from graphopt.passes.quant import PASSES as QUANT_PASSES
 from graphopt.passes.simplify import (EliminateCommonSubexpressions, EliminateNoOps, InlineConstantIf,
                                       MergeChains)
 from graphopt.pipeline import Pass
@@ -41,6 +44,10 @@ PASSES: list[type[Pass]] = [
     *FUSION_PASSES,
     # fusion (onnxruntime contrib ops, where the target has the kernels)
     *CONTRIB_PASSES,
+    # quantization, pruning, partitioning
+    *QUANT_PASSES,
+    *PRUNE_PASSES,
+    *PARTITION_PASSES,
 ]
 
 __all__ = ["PASSES", "PIPELINES"]

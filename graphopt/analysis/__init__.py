@@ -9,3 +9,13 @@ __all__ = ["ModelStats", "model_stats"]
 from graphopt.analysis._flops import FlopsReport, NodeFlops, bind_and_infer_shapes, estimate_flops
 
 __all__ += ["FlopsReport", "NodeFlops", "bind_and_infer_shapes", "estimate_flops"]
+
+from graphopt.analysis._cost import (DUPLICATE_BYTES, SHAPE_OPS, GraphCost, graph_cost,
+                                     peak_activation_bytes)
+from graphopt.analysis._partition import (BALANCES, DeviceModel, PartitionPlan, PlannedPartition,
+                                          chain_cut_bytes, find_branches, plan_branches, plan_groups,
+                                          plan_stages)
+
+__all__ += ["DUPLICATE_BYTES", "SHAPE_OPS", "GraphCost", "graph_cost", "peak_activation_bytes", "BALANCES",
+            "DeviceModel", "PartitionPlan", "PlannedPartition", "chain_cut_bytes", "find_branches",
+            "plan_branches", "plan_groups", "plan_stages"]

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 #: Initializers up to this many bytes keep their data for shape inference (shape constants).
 _KEEP_INITIALIZER_BYTES = 4096
+_KEEP_INTEGER_INITIALIZER_BYTES = 1 << 20
+_INTEGER_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT8,
+                            onnx.TensorProto.UINT8, onnx.TensorProto.BOOL})
 
 Shape = tuple[int, ...]
 
@@ -128,7 +131,10 @@ def _skeleton(proto: onnx.ModelProto, dims: Mapping[str, int], default_dim: int)
                 size = dims.get(d.dim_param, default_dim) if d.HasField("dim_param") else default_dim
                 d.dim_value = size  # setting the value clears the oneof's dim_param
     for t in src.initializer:
-        small = t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() <= _KEEP_INITIALIZER_BYTES
+        # Integer tensors (shapes, indices, position ids) steer shape inference through Reshape,
+        # Slice and Gather, so they are kept up to a larger size than float weights.
+        limit = _KEEP_INTEGER_INITIALIZER_BYTES if t.data_type in _INTEGER_TYPES else _KEEP_INITIALIZER_BYTES
+        small = t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() <= limit
         if small:
             g.initializer.append(t)
         else:

@@ -19,3 +19,24 @@ from graphopt.runtime._verify import LayerCheck, OutputCheck, VerifyReport, veri
 __all__ += ["BenchResult", "EnergyResult", "bench_models", "model_size_on_disk", "check_feeds",
             "generate_feeds", "load_feeds", "open_session", "parse_dims", "LayerCheck",
             "OutputCheck", "VerifyReport", "verify_models"]
+
+from graphopt.runtime._manifest import (MANIFEST_FORMAT, MANIFEST_NAME, Manifest, PartitionSpec,
+                                        TensorSpec, TransferSpec)
+
+__all__ += ["MANIFEST_FORMAT", "MANIFEST_NAME", "Manifest", "PartitionSpec", "TensorSpec", "TransferSpec"]
+
+from graphopt.runtime._calib_data import CalibrationSource, open_calibration_data, split_held_out
+from graphopt.runtime._calib_stats import TensorStatistics
+from graphopt.runtime._calibration import CalibrationResult, calibrate
+from graphopt.runtime._similarity import load_metric, output_similarity
+
+__all__ += ["CalibrationSource", "open_calibration_data", "split_held_out", "TensorStatistics",
+            "CalibrationResult", "calibrate", "load_metric", "output_similarity"]
+
+from graphopt.runtime._fusion_check import INTEGER_KERNELS, FusionReport, check_fusion
+
+__all__ += ["INTEGER_KERNELS", "FusionReport", "check_fusion"]
+
+from graphopt.runtime._partitioned import BACKENDS, PartitionedSession, PartitionEvent
+
+__all__ += ["BACKENDS", "PartitionedSession", "PartitionEvent"]

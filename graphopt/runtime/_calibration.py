@@ -1,0 +1,441 @@
+"""Streaming calibration: ranges of intermediate tensors, with memory independent of the sample count.
+
+How it runs: the requested tensors are added as outputs to a copy of the model, which
+onnxruntime runs (graph optimizations off, so every requested tensor exists) sample by sample;
+each sample's outputs are reduced into per-tensor :class:`TensorStatistics` at once and dropped.
+Memory is the session plus one sample's outputs plus fixed-size statistics, whatever the number
+of samples. onnxruntime's own calibrators keep every output of every sample until the end.
+
+When the requested tensors of one run would exceed ``group_bytes`` (estimated from shape
+inference with the first sample's sizes), they are split into groups, and the data is read once
+per group; a one-shot iterator can be read only once, so it gets a single group.
+
+All methods draw on the same statistics, so :meth:`CalibrationResult.with_method` switches
+method without running the model again, and the statistics can be saved and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphopt.errors import GraphoptError
+from graphopt.runtime._calib_data import CalibrationSource, check_feed, model_inputs
+from graphopt.runtime._calib_stats import (
+    METHODS,
+    Scratch,
+    TensorStatistics,
+    compute_range,
+)
+from graphopt.runtime._inputs import ort_error_text
+
+__all__ = ["CACHE_FORMAT", "CalibrationResult", "calibrate", "model_digest"]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the statistics cache file.
+CACHE_FORMAT = 1
+
+#: Default bound on the bytes of requested tensors fetched by one run.
+DEFAULT_GROUP_BYTES = 256 << 20
+
+ProgressCallback = Callable[[int, "int | None"], None]
+
+
+def _copy_fields(src: Any, dst: Any, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except ``skip``."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        target = getattr(dst, field.name)
+        if field.is_repeated:
+            target.extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            target.CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 of the model: its structure, then each initializer in turn.
+
+    Serializing the initializers one at a time keeps the transient copy to one tensor instead
+    of the whole model (a BERT-base model would otherwise need another 440 MB).
+    """
+    digest = hashlib.sha256()
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, "graph")
+    graph = onnx.GraphProto()
+    _copy_fields(model.graph, graph, "initializer")
+    digest.update(shell.SerializeToString(deterministic=True))
+    digest.update(graph.SerializeToString(deterministic=True))
+    for tensor in model.graph.initializer:
+        digest.update(tensor.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+class CalibrationResult:
+    """Per-tensor statistics and the ranges one calibration method draws from them.
+
+    Attributes:
+        method: ``minmax``, ``percentile``, ``entropy`` or ``mse``.
+        samples: how many samples were reduced.
+        model_digest: digest of the calibrated model (a cache is refused for another model).
+        stats: statistics by tensor name.
+        ranges: ``(rmin, rmax)`` by tensor name for ``method`` (zero is not forced in).
+        params: the method's parameters (``percentile``, ``symmetric``, ``num_quantized_bins``).
+
+    Example:
+        >>> result = calibrate(model, ["conv_out"], feeds, method="percentile")  # doctest: +SKIP
+        >>> result.range("conv_out")  # doctest: +SKIP
+        (-3.2, 7.9)
+        >>> result.with_method("entropy").range("conv_out")  # doctest: +SKIP
+        (-2.1, 5.6)
+    """
+
+    def __init__(self, *, method: str, samples: int, model_digest: str,
+                 stats: dict[str, TensorStatistics], params: Mapping[str, Any] | None = None) -> None:
+        if method not in METHODS:
+            raise GraphoptError(f"unknown calibration method '{method}'; choose one of {', '.join(METHODS)}")
+        self.method = method
+        self.samples = samples
+        self.model_digest = model_digest
+        self.stats = stats
+        self.params = dict(params or {})
+        self.ranges = {name: compute_range(s, method, **self.params) for name, s in stats.items()}
+
+    def range(self, tensor: str) -> tuple[float, float]:
+        """``(rmin, rmax)`` of ``tensor``.
+
+        Raises:
+            GraphoptError: the tensor was not calibrated.
+        """
+        try:
+            return self.ranges[tensor]
+        except KeyError:
+            raise GraphoptError(f"tensor '{tensor}' was not calibrated ({len(self.ranges)} tensors were); "
+                                "calibrate it or drop its cached statistics") from None
+
+    def with_method(self, method: str, **params: Any) -> CalibrationResult:
+        """The ranges of another method (or parameters), from the stored statistics.
+
+        Args:
+            method: ``minmax``, ``percentile``, ``entropy`` or ``mse``.
+            **params: ``percentile``, ``symmetric``, ``num_quantized_bins``; unset ones keep
+                their current values.
+        """
+        merged = {**self.params, **params}
+        unknown = sorted(set(merged) - {"percentile", "symmetric", "num_quantized_bins", "mse_bits"})
+        if unknown:
+            raise GraphoptError(f"unknown calibration parameter '{unknown[0]}' (known: percentile, "
+                                "symmetric, num_quantized_bins, mse_bits)")
+        return CalibrationResult(method=method, samples=self.samples, model_digest=self.model_digest,
+                                 stats=self.stats, params=merged)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the statistics to an ``.npz`` cache (atomically; no pickled objects)."""
+        path = os.fspath(path)
+        names = list(self.stats)
+        meta = {"format": CACHE_FORMAT, "method": self.method, "samples": self.samples,
+                "model_digest": self.model_digest, "params": self.params, "tensors": names}
+        bins = {s.num_bins for s in self.stats.values()}
+        hist = (np.stack([self.stats[n].hist for n in names]) if names
+                else np.zeros((0, bins.pop() if bins else 8), np.int64))
+        headers = np.array([self.stats[n].header() for n in names], dtype=np.float64).reshape(len(names), 5)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".calib-", suffix=".npz", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, meta=np.array(json.dumps(meta)), headers=headers, hist=hist)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, model: onnx.ModelProto | str | os.PathLike | None = None
+             ) -> CalibrationResult:
+        """Read a cache written by :meth:`save`.
+
+        Args:
+            path: the cache file.
+            model: when given, the cache must have been made for this very model.
+
+        Raises:
+            GraphoptError: a missing or unreadable file, another format, or another model.
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise GraphoptError(f"calibration cache '{path}' does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                headers, hist = data["headers"], data["hist"]
+        except (ValueError, OSError, KeyError) as exc:
+            raise GraphoptError(f"calibration cache '{path}' is not readable ({exc}); delete it and "
+                                "calibrate again") from None
+        if meta.get("format") != CACHE_FORMAT:
+            raise GraphoptError(f"calibration cache '{path}' has format {meta.get('format')}, this graphopt "
+                                f"reads format {CACHE_FORMAT}; delete it and calibrate again")
+        if model is not None:
+            digest = model_digest(_load_model(model))
+            if digest != meta["model_digest"]:
+                raise GraphoptError(f"calibration cache '{path}' was made for another model (digest "
+                                    f"{meta['model_digest'][:12]}, this model {digest[:12]}); delete it "
+                                    "or calibrate again")
+        stats = {name: TensorStatistics.from_parts(headers[i], hist[i]) for i, name in enumerate(meta["tensors"])}
+        return cls(method=meta["method"], samples=int(meta["samples"]), model_digest=meta["model_digest"],
+                   stats=stats, params=meta.get("params"))
+
+    def __repr__(self) -> str:
+        return f"CalibrationResult(method={self.method!r}, samples={self.samples}, tensors={len(self.stats)})"
+
+
+# -- running ------------------------------------------------------------------------------------------
+def _load_model(model: Any) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.isfile(path):
+            raise GraphoptError(f"model file '{path}' does not exist")
+        try:
+            return onnx.load(path)
+        except Exception as exc:  # protobuf and onnx raise several types for a bad file
+            raise GraphoptError(f"cannot read model '{path}': {exc}") from None
+    from graphopt import ir
+
+    if isinstance(model, ir.Model):
+        return ir.to_proto(model)
+    raise GraphoptError(f"cannot calibrate a {type(model).__name__}; give an onnx.ModelProto or a path")
+
+
+def _light_copy(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """The model without its large weights (they become typed inputs), for shape inference."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    src = model.graph
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    declared = {vi.name for vi in src.input}
+    for t in src.initializer:
+        # Small tensors (shapes, axes) stay: shape inference reads their values.
+        if t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() <= keep_bytes:
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
+
+
+def _tensor_sizes(model: onnx.ModelProto, tensors: Sequence[str], first: Mapping[str, np.ndarray]
+                  ) -> dict[str, int | None]:
+    """Estimated bytes of each requested tensor for a sample like ``first`` (None: unknown)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_light_copy(model))
+    except Exception as exc:  # shape inference refuses some valid models
+        logger.debug("shape inference failed (%s); tensor sizes unknown", exc)
+        return {t: None for t in tensors}
+    sym: dict[str, int] = {}
+    for vi in inferred.graph.input:
+        if vi.name in first:
+            for d, size in zip(vi.type.tensor_type.shape.dim, first[vi.name].shape):
+                if d.dim_param:
+                    sym[d.dim_param] = int(size)
+    infos = {vi.name: vi for vi in itertools.chain(inferred.graph.value_info, inferred.graph.output,
+                                                   inferred.graph.input)}
+    sizes: dict[str, int | None] = {}
+    for name in tensors:
+        vi = infos.get(name)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            sizes[name] = None
+            continue
+        count = 1
+        for d in vi.type.tensor_type.shape.dim:
+            size = d.dim_value if d.HasField("dim_value") else sym.get(d.dim_param)
+            if size is None:
+                count = None
+                break
+            count *= size
+        elem = vi.type.tensor_type.elem_type
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).itemsize if elem else 4
+        sizes[name] = None if count is None else count * itemsize
+    return sizes
+
+
+def _groups(tensors: list[str], sizes: Mapping[str, int | None], budget: int) -> list[list[str]]:
+    """Consecutive groups whose estimated bytes stay within ``budget`` (unknown: the largest known)."""
+    known = [s for s in sizes.values() if s is not None]
+    fallback = max(known) if known else 0
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name in tensors:
+        size = sizes.get(name)
+        size = fallback if size is None else size
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def _session_for(model: onnx.ModelProto, outputs: Sequence[str], threads: int) -> Any:
+    """A session on ``model`` with ``outputs`` as its only outputs (the model is left as it was)."""
+    from graphopt.runtime._session import make_session, max_ir_version
+
+    graph = model.graph
+    saved_outputs = list(graph.output)
+    saved_ir = model.ir_version
+    try:
+        by_name = {o.name: o for o in saved_outputs}
+        del graph.output[:]
+        for name in outputs:
+            graph.output.append(by_name[name] if name in by_name else onnx.ValueInfoProto(name=name))
+        model.ir_version = min(model.ir_version, max_ir_version())
+        data = model.SerializeToString()
+    finally:
+        del graph.output[:]
+        graph.output.extend(saved_outputs)
+        model.ir_version = saved_ir
+    try:
+        return make_session(data, optimize=False, threads=threads)
+    except Exception as exc:  # onnxruntime raises its own exception types for refusals
+        raise GraphoptError(f"onnxruntime cannot run the model for calibration: {ort_error_text(exc)}") from None
+
+
+def _producible(model: onnx.ModelProto) -> set[str]:
+    names = {vi.name for vi in model.graph.input} | {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        names.update(o for o in node.output if o)
+    return names
+
+
+def calibrate(model: onnx.ModelProto | str | os.PathLike, tensors: Sequence[str],
+              data: Iterable[Mapping[str, np.ndarray]], *, method: str = "minmax",
+              percentile: float = 99.999, num_bins: int = 2048, symmetric: bool = False,
+              progress: ProgressCallback | None = None, threads: int = 1,
+              group_bytes: int = DEFAULT_GROUP_BYTES, num_quantized_bins: int = 128) -> CalibrationResult:
+    """Collect streaming statistics of ``tensors`` over ``data`` and compute their ranges.
+
+    Args:
+        model: the float model (a ``ModelProto`` is not modified) or its path.
+        tensors: names of the tensors to calibrate (graph inputs, node outputs).
+        data: feeds, e.g. a :class:`CalibrationSource`, a list of dicts; any iterable works,
+            a one-shot iterator with a single group.
+        method: ``minmax``, ``percentile``, ``entropy`` (KL divergence) or ``mse``.
+        percentile: for ``percentile``, the share of values kept (``99.999``).
+        num_bins: histogram bins per tensor (a multiple of 4).
+        symmetric: ranges symmetric around zero.
+        progress: called as ``progress(done, total)`` after each run (``total`` None when unknown).
+        threads: onnxruntime intra-op threads.
+        group_bytes: bound on the bytes of requested tensors one run fetches.
+        num_quantized_bins: for ``entropy``, the quantized levels compared against.
+
+    Returns:
+        A :class:`CalibrationResult`.
+
+    Raises:
+        GraphoptError: an unknown method or tensor, bad feeds, or a model onnxruntime cannot run.
+
+    Example:
+        >>> source = open_calibration_data("calib/", model=model)  # doctest: +SKIP
+        >>> result = calibrate(model, ["x", "conv1_out"], source, method="entropy")  # doctest: +SKIP
+    """
+    if method not in METHODS:
+        raise GraphoptError(f"unknown calibration method '{method}'; choose one of {', '.join(METHODS)}")
+    params = {"percentile": percentile, "symmetric": symmetric, "num_quantized_bins": num_quantized_bins}
+    TensorStatistics(num_bins)  # validates num_bins before any work
+    if method == "percentile" and not 0 < percentile <= 100:
+        raise GraphoptError(f"percentile={percentile}: use a value in (0, 100], e.g. 99.999")
+    proto = _load_model(model)
+    digest = model_digest(proto)
+    wanted = list(dict.fromkeys(tensors))
+    producible = _producible(proto)
+    missing = [t for t in wanted if t not in producible]
+    if missing:
+        raise GraphoptError(f"tensor '{missing[0]}' is not produced by any node nor an input of the model; "
+                            "give names of node outputs or graph inputs")
+    stats = {name: TensorStatistics(num_bins) for name in wanted}
+    if not wanted:
+        return CalibrationResult(method=method, samples=0, model_digest=digest, stats=stats, params=params)
+    inputs = model_inputs(proto)
+    one_shot = getattr(data, "one_shot", False) or iter(data) is data
+    checked = data if isinstance(data, CalibrationSource) else None
+
+    def feeds() -> Iterable[Mapping[str, np.ndarray]]:
+        if checked is not None:
+            return checked
+        return (check_feed(f, inputs, f"calibration sample {i + 1}") for i, f in enumerate(data))
+
+    total: int | None = None
+    if not one_shot:  # the length of a one-shot source is known only after reading it
+        try:
+            total = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    if one_shot:
+        groups = [wanted]
+    else:
+        first = next(iter(feeds()), None)
+        if first is None:
+            raise GraphoptError("the calibration data yielded no samples")
+        groups = _groups(wanted, _tensor_sizes(proto, wanted, first), group_bytes)
+    input_names = {i.name for i in inputs}
+    runs_total = None if total is None else total * len(groups)
+    runs_done = 0
+    samples = 0
+    scratch = Scratch()  # one set of work buffers for every tensor: no allocation per update
+    started = time.perf_counter()
+    for index, group in enumerate(groups):
+        # Graph inputs need no run: their statistics come from the feeds themselves.
+        fetched = [t for t in group if t not in input_names]
+        session = _session_for(proto, fetched, threads) if fetched else None
+        count = 0
+        for feed in feeds():
+            count += 1
+            if session is not None:
+                try:
+                    outs = session.run(fetched, dict(feed))
+                except Exception as exc:  # onnxruntime raises its own exception types
+                    raise GraphoptError(f"onnxruntime failed on calibration sample {count}: "
+                                        f"{ort_error_text(exc)}") from None
+                for name, value in zip(fetched, outs):
+                    stats[name].update(value, scratch)
+                del outs
+            for name in group:
+                if name in input_names:
+                    stats[name].update(feed[name], scratch)
+            runs_done += 1
+            if progress is not None:
+                progress(runs_done, runs_total)
+        if count == 0:
+            raise GraphoptError("the calibration data yielded no samples")
+        if index == 0:
+            samples = count
+        elif count != samples:
+            raise GraphoptError(f"the calibration data yielded {count} samples on pass {index + 1} but "
+                                f"{samples} on the first; the source must give the same samples each pass")
+        session = None
+    logger.info("calibrated %d tensors over %d samples in %d group(s), %.2f s", len(wanted), samples,
+                len(groups), time.perf_counter() - started)
+    empty = [n for n, s in stats.items() if s.count == 0]
+    if empty:
+        logger.warning("%d calibrated tensors held no finite values (e.g. '%s'); their range is (0, 0)",
+                       len(empty), empty[0])
+    return CalibrationResult(method=method, samples=samples, model_digest=digest, stats=stats, params=params)
