@@ -132,9 +132,13 @@ def _summary(input_path: str, output: str, rep: dict) -> Table:
         table.add_row("fused", f"{fusion['fused_total']} integer kernel(s): {escape(kinds)}")
         table.add_row("unfused Q/DQ", str(fusion["unfused"]))
     acc = rep.get("accuracy")
-    if acc:
+    if acc and "skipped" in acc:
+        table.add_row("accuracy", escape(f"not checked: {acc['skipped']}"))
+    elif acc:
         top1 = acc.get("top1_agreement")
         text = f"cosine {acc['cosine']}, SQNR {acc['sqnr_db']} dB"
+        if acc.get("non_finite_outputs"):
+            text += f", INF/NAN in {acc['non_finite_outputs']} output(s)"
         if top1 is not None:
             text += f", top-1 agreement {top1 * 100:.1f}%"
         if acc.get("max_drop") is not None:

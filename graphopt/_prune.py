@@ -32,6 +32,8 @@ _MAC_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 #: Bisection steps of ``target_macs`` (the ratio is found to within 1/2**steps).
 _TARGET_STEPS = 10
 _MAX_RATIO = 0.95
+#: Initializers up to this size keep their data when MACs are counted (Reshape shapes...).
+_SKELETON_KEEP_BYTES = 1 << 16
 
 
 @dataclass
@@ -105,33 +107,49 @@ class PruneResult:
     report: PruneReport
 
 
-def model_macs(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> int:
+def _weightless_tensor(tensor: ir.Tensor) -> onnx.TensorProto:
+    """Small tensors with data (shape constants); others as typed stubs the FLOP counter lists as
+    inputs, so counting MACs never copies weight bytes."""
+    if not tensor.is_external() and tensor.nbytes <= _SKELETON_KEEP_BYTES:
+        return tensor.to_proto()
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.dtype, dims=list(tensor.shape))
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    return stub
+
+
+def model_macs(model: onnx.ModelProto | ir.Model, dims: Mapping[str, int] | None = None) -> int:
     """Multiply-accumulates of one inference in Conv, ConvTranspose, MatMul and Gemm nodes.
 
     Computed from :func:`graphopt.analysis.estimate_flops` (2 FLOPs per MAC; symbolic input dims
-    bound by ``dims``, others 1).
+    bound by ``dims``, others 1). An IR model is counted from its graph and weight shapes only.
     """
     from graphopt.analysis import estimate_flops
 
+    if isinstance(model, ir.Model):
+        model = ir.to_proto_with(model, _weightless_tensor)
     report = estimate_flops(model, dims=dims)
     return sum((n.flops or 0) for n in report.nodes if n.op in _MAC_OPS) // 2
 
 
-def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
-    """``(elements, non-zero elements)`` of the float initializers (dense and sparse)."""
-    total = nonzero = 0
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-              onnx.TensorProto.BFLOAT16}
-    for init in model.graph.initializer:
-        if init.data_type in floats:
-            size = int(np.prod(init.dims)) if init.dims else 1
-            total += size
-            nonzero += int(np.count_nonzero(onnx.numpy_helper.to_array(init))) if size else 0
-    for sparse in model.graph.sparse_initializer:
-        if sparse.values.data_type in floats:
-            total += int(np.prod(sparse.dims))
-            nonzero += int(np.count_nonzero(onnx.numpy_helper.to_array(sparse.values)))
-    return total, nonzero
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                          onnx.TensorProto.BFLOAT16})
+
+
+def count_parameters(model: onnx.ModelProto | ir.Model, *, nonzero: bool = True) -> tuple[int, int]:
+    """``(elements, non-zero elements)`` of the float initializers (dense and sparse) of the main
+    graph; with ``nonzero=False`` the second figure is not counted (0) and no weight is read."""
+    working = model if isinstance(model, ir.Model) else ir.load(model)
+    total = count = 0
+    tensors = [v.const_value for v in working.graph.initializers.values() if v.const_value is not None]
+    tensors += [v.const_value for v in working.graph.sparse_initializers.values()
+                if v.const_value is not None]
+    for tensor in tensors:
+        if tensor.dtype not in _FLOAT_TYPES:
+            continue
+        total += int(np.prod(tensor.shape, dtype=np.int64))
+        if nonzero:
+            count += int(np.count_nonzero(tensor.numpy()))
+    return total, count
 
 
 def _structured(model: ir.Model, ratio: float, heads: float | None, criterion: str, round_to: int,
@@ -154,7 +172,7 @@ def _ratio_for_target(original: onnx.ModelProto, target: float, heads: float | N
     def macs_at(r: float) -> int:
         trial = ir.load(original)
         _structured(trial, r, heads if heads is not None else r, criterion, round_to, exclude)
-        return model_macs(ir.to_proto(trial), dims)
+        return model_macs(trial, dims)
 
     if macs_before <= goal:
         return 0.0
@@ -276,11 +294,15 @@ def prune(model: ModelSource, *, ratio: float = 0.0, target_macs: float | None =
             raise GraphoptError(f"--exclude '{exclude}' is not a valid regular expression ({exc})") from None
     working = ir.load(model)
     check_input(working)
-    original = ir.to_proto(working)
+    # The original as a proto is needed only to compare against it; a full copy of a large
+    # model's weights costs seconds, so it is made only then.
+    original = None
+    if reconstruct or recalibrate_bn or bench or target_macs is not None:
+        original = model if isinstance(model, onnx.ModelProto) else ir.to_proto(working)
     source = (_open_calibration(calibration, original, samples)
               if (reconstruct or recalibrate_bn) else None)
-    macs_before = model_macs(original, dims)
-    params_before, _ = count_parameters(original)
+    macs_before = model_macs(working, dims)
+    params_before, _ = count_parameters(working, nonzero=False)
     if target_macs is not None:
         ratio = _ratio_for_target(original, target_macs, heads, criterion, round_to, exclude, dims, macs_before)
     plan, changes = _structured(working, ratio, heads, criterion, round_to, exclude)
@@ -301,10 +323,10 @@ def prune(model: ModelSource, *, ratio: float = 0.0, target_macs: float | None =
         _finish(working)
         result_proto = ir.to_proto(working)
         _check_valid(result_proto)
-    else:
-        result_proto = original  # nothing pruned: the model as given, bit for bit
-    macs_after = model_macs(result_proto, dims)
-    params_after, nonzero_after = count_parameters(result_proto)
+    else:  # nothing pruned: the model as given, bit for bit
+        result_proto = model if isinstance(model, onnx.ModelProto) else ir.to_proto(working)
+    macs_after = model_macs(working, dims)
+    params_after, nonzero_after = count_parameters(working)
     report = PruneReport(
         ratio=ratio, heads=heads, criterion=criterion,
         groups=[g.to_dict() for g in plan.analysis.groups],
@@ -315,6 +337,6 @@ def prune(model: ModelSource, *, ratio: float = 0.0, target_macs: float | None =
     if bench:
         report.latency_ms_before, report.latency_ms_after = _bench(original, result_proto, bench_runs, dims)
     if output is not None:
-        ir.save(ir.load(result_proto), output)
+        ir.save(working, output)
     logger.info("prune: %d unit(s) removed, MACs %d -> %d", plan.units_removed, macs_before, macs_after)
     return PruneResult(result_proto, report)

@@ -199,7 +199,7 @@ def quantize(model: ModelSource, output: str | os.PathLike | None = None, *,
     check_input(source_ir)
     before = model_stats(source_ir)
     opset = source_ir.opset_imports.get("", source_ir.opset_imports.get("ai.onnx", 0))
-    if opset < 10:
+    if opset < 10 and mode == "static":
         raise GraphoptError(f"the model uses opset {opset}; QuantizeLinear/DequantizeLinear need opset "
                             "10 or newer (convert it with onnx.version_converter first)")
     rep: dict[str, Any] = {"schema": REPORT_SCHEMA, "mode": mode, "target": target,
@@ -207,7 +207,9 @@ def quantize(model: ModelSource, output: str | os.PathLike | None = None, *,
                            "opset": opset, "warnings": []}
     rep["input"] = os.fspath(rep["input"]) if isinstance(rep["input"], os.PathLike) else rep["input"]
     warnings: list[str] = rep["warnings"]
-    ctx = PassContext(opt_level=min(max(level, 0), 3), target=target, seed=seed)
+    # int4 converts MatMul only (MatMulNBits has no Gemm form): keep MatMul+Add from becoming Gemm.
+    keep_matmul = {"fuse-matmul-add-into-gemm"} if mode == "int4" else set()
+    ctx = PassContext(opt_level=min(max(level, 0), 3), target=target, seed=seed, disabled=keep_matmul)
     with tempfile.TemporaryDirectory(prefix="graphopt-quantize-") as tmp:
         if level > 0:
             # At most O2: O3's contrib fusions (FusedMatMul, ...) hide the ops QDQ goes around.
@@ -233,6 +235,7 @@ def quantize(model: ModelSource, output: str | os.PathLike | None = None, *,
                                                exclude=exclude, per_channel=per_channel,
                                                block_size=block_size, int4_format=int4_format,
                                                keep_io_types=keep_io_types)
+            _lowp_accuracy(rep, warnings, float_path, quant_path, dims, seed)
         after = model_stats(quant_ir)
         rep["size"] = _sizes(before.initializer_bytes, after.initializer_bytes, float_path, quant_path)
         rep["ops_after"] = dict(sorted(after.ops.items()))
@@ -347,7 +350,7 @@ def _static(float_ir: ir.Model, float_path: str, tmp: str, rep: dict[str, Any], 
                           "evaluation_on": evaluation_on, "method": method,
                           **({"percentile": percentile} if method == "percentile" else {})}
     t0 = time.perf_counter()
-    reference = _run(float_path, held) if held else []
+    reference = _run(float_path, held, source=True) if held else []
     if held:  # one float run's time bounds how many timed runs the speed check can afford
         rep["_float_run_seconds"] = (time.perf_counter() - t0) / len(held)
     if smoothquant_alpha is not None:
@@ -430,10 +433,22 @@ class _Builder:
         return model, path, emission
 
 
-def _run(path: str, feeds: Sequence[dict[str, np.ndarray]], extra: Sequence[str] = ()) -> list[dict[str, Any]]:
+def _run(path: str, feeds: Sequence[dict[str, np.ndarray]], extra: Sequence[str] = (), *,
+         source: bool = False, optimize: bool = True) -> list[dict[str, Any]]:
+    """Outputs of the model at ``path`` per feed; with ``source`` (the user's float model), a
+    failure to run is the data's fault and becomes a one-line :class:`GraphoptError`."""
     from graphopt.passes.quant._runtime import run_outputs
+    from graphopt.runtime._inputs import ort_error_text
 
-    return run_outputs(path, feeds, extra)
+    try:
+        return run_outputs(path, feeds, extra, optimize=optimize)
+    except GraphoptError:
+        raise
+    except Exception as exc:  # onnxruntime's errors share no base class
+        if not source:
+            raise
+        raise GraphoptError(f"onnxruntime cannot run the float model on the sample inputs: {ort_error_text(exc)} "
+                            "(check the calibration data's shapes; symbolic dims take --dim NAME=SIZE)") from None
 
 
 def _flat(outputs: list[dict[str, Any]]) -> list[np.ndarray]:
@@ -609,12 +624,60 @@ def _other_mode(mode: str, float_path: str, tmp: str, rep: dict[str, Any], ctx: 
     fit_to_runtime(model)
     rep["pipeline"] = pipeline
     rep["passes"] = [{"name": r.name, "changed": r.changed, "counters": dict(r.counters)} for r in result.records]
+    if not any(r.changed for r in result.records if r.name == step.name):
+        what = {"dynamic": "no MatMul/Gemm with a constant 2-D float32 weight of at least 4096 elements",
+                "int4": "no MatMul with a constant 2-D float weight of at least 16384 elements"}.get(
+                    mode, "no op that converts on this target")
+        rep["warnings"].append(f"mode {mode}: nothing was converted ({what}); the output is the optimized "
+                               "float32 model")
     path = os.path.join(tmp, "quantized.onnx")
     ir.save(model, path)
     return model, path
 
 
 # ---- checks after emission -----------------------------------------------------------------------
+def _lowp_accuracy(rep: dict[str, Any], warnings: list[str], float_path: str, quant_path: str,
+                   dims: dict[str, int] | None, seed: int, samples: int = 2) -> None:
+    """Compare a dynamic/int4/float16 model with the float one on seeded random inputs.
+
+    These modes need no calibration data, so nothing else would notice outputs that a float16
+    overflow turned into inf/NaN: the report gets ``accuracy`` and a warning says so.
+    """
+    from graphopt.runtime import make_session, output_similarity, random_inputs
+
+    session = make_session(float_path)
+    try:
+        feeds = [random_inputs(session, seed=seed + i, dims=dims or {}) for i in range(samples)]
+    except (GraphoptError, TypeError, ValueError) as exc:  # inputs random data cannot stand for
+        rep["accuracy"] = {"skipped": f"no random inputs for this model ({exc})"}
+        return
+    finally:
+        del session
+    # onnxruntime's optimizations would run float16 ops without a CPU kernel in float32 and drop
+    # the casts around them, hiding the overflow a GPU meets: compare the model as written.
+    declared = {i.name: i.type.tensor_type.elem_type
+                for i in onnx.load(quant_path, load_external_data=False).graph.input}
+    # With keep_io_types off the converted model takes float16/bfloat16 inputs.
+    as_declared = [{k: v.astype(onnx.helper.tensor_dtype_to_np_dtype(declared[k]))
+                    if declared.get(k) else v for k, v in feed.items()} for feed in feeds]
+    reference = _run(float_path, feeds, source=True, optimize=False)
+    candidate = _run(quant_path, as_declared, optimize=False)
+    ref, cand = _flat(reference), _flat(candidate)
+    broken = sum(1 for r, c in zip(ref, cand)
+                 if c.dtype.kind == "f" and np.isfinite(r).all() and not np.isfinite(c).all())
+    sim = output_similarity([np.nan_to_num(r) for r in ref], [np.nan_to_num(c) for c in cand])
+    rep["accuracy"] = {"on": f"{samples} seeded random input(s)", "non_finite_outputs": broken,
+                       **{k: _num(v) if isinstance(v, float) else v
+                          for k, v in sim.items() if k in ("cosine", "cosine_min", "sqnr_db", "top1_agreement", "max_abs")}}
+    if broken:
+        warnings.append(f"the {rep['mode']} model gives inf/NaN outputs where float32 gives finite ones "
+                        f"({broken} of {len(ref)} output arrays): an activation overflows; keep the ops "
+                        "that produce it in float32 (block-ops of convert-float16) or use another mode")
+    elif isinstance(sim.get("cosine_min"), float) and sim["cosine_min"] < 0.99:
+        warnings.append(f"the {rep['mode']} model's outputs differ from float32 (cosine {sim['cosine_min']:.4f} "
+                        "on random inputs): check it on real data before use")
+
+
 def _fusion(rep: dict[str, Any], quant_path: str, target: str, mode: str) -> None:
     from graphopt.runtime import check_fusion
 

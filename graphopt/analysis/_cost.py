@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from graphopt.analysis._flops import _node_estimate
-from graphopt.ir import Model, Node, Tensor, Value
+from graphopt.ir import Model, Node, Tensor, Value, to_proto_with
 
 __all__ = ["GraphCost", "graph_cost", "peak_activation_bytes", "DUPLICATE_BYTES", "SHAPE_OPS"]
 
@@ -231,12 +231,7 @@ def type_skeleton(model: Model) -> onnx.ModelProto:
 
     Node order equals the IR's, so proto node ``i`` is IR node ``i``.
     """
-    from graphopt.ir._serde import model_to_proto  # writer hook: tensors are stubbed, not read
-
-    def writer(tensor: Tensor) -> onnx.TensorProto:
-        return _skeleton_tensor(tensor, tensor.name)
-
-    return model_to_proto(model, writer)
+    return to_proto_with(model, lambda tensor: _skeleton_tensor(tensor, tensor.name))
 
 
 def _bind(proto: onnx.ModelProto, dims: Mapping[str, int], default_dim: int) -> onnx.ModelProto:
@@ -272,6 +267,28 @@ def _unbound(proto: onnx.ModelProto) -> onnx.ModelProto:
     return skel
 
 
+def _ort_symbolic_inference(skel: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference, or ``None`` when it cannot infer every value.
+
+    Its ``infer_shapes`` entry point saves the half-inferred model as
+    ``sym_shape_infer_temp.onnx`` plus external-data files into the current directory before
+    raising; the same steps are run here without that write, so a partition never litters the
+    user's folder.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
+
+    opset = get_opset(skel)
+    if not opset or opset < 7:
+        return None
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+    inference._preprocess(skel)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_ if complete else None
+
+
 def _infer(skel: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
     """Types of every value: onnxruntime's symbolic shape inference, else onnx's.
 
@@ -280,9 +297,7 @@ def _infer(skel: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
     """
     inferred = None
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(skel, auto_merge=True, guess_output_rank=False)
+        inferred = _ort_symbolic_inference(skel)
     except Exception as exc:  # the tool raises on ops it does not know: fall back to onnx
         logger.debug("cost: onnxruntime symbolic shape inference failed (%s)", exc)
     if inferred is None:

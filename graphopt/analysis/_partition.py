@@ -564,7 +564,8 @@ def plan_branches(cost: GraphCost, *, devices: Sequence[str] | None = None,
     """
     regions = find_branches(cost, min_fraction=min_fraction)
     if not regions:
-        raise GraphoptError("the model has no independent branches (every node lies on one chain); "
+        raise GraphoptError(f"the model has no two independent branches each holding {min_fraction:.0%} "
+                            "or more of its FLOPs (lighter side branches are not worth a partition); "
                             "use --stages or --memory-budget instead")
     group_of: dict[int, tuple[Any, str]] = {}
     for r, branches in enumerate(regions):

@@ -9,6 +9,7 @@ leaves no partial output behind.
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 import tempfile
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ from google.protobuf.message import DecodeError
 from graphopt.errors import EmitError, ModelLoadError
 from graphopt.ir._core import Model
 from graphopt.ir._serde import UndecodableNameError, encode_nodes, model_from_proto, model_to_proto
-from graphopt.ir._tensors import ExternalTensor, ProtoTensor, Tensor, storage_nbytes
+from graphopt.ir._tensors import ExternalTensor, FileTensor, ProtoTensor, SourceFile, Tensor, storage_nbytes
+from graphopt.ir._wire import FileSlice, split_large_initializers
 
 __all__ = ["load", "save", "to_proto", "ModelSource"]
 
@@ -31,10 +33,13 @@ _PROTOBUF_LIMIT = 2**31 - 1
 _READ_CHUNK = 16 * 1024 * 1024
 #: Above this many bytes of initializers a model is saved with external data by default.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: Main-graph initializers of at least this many raw bytes stay in the model file until read.
+FILE_TENSOR_BYTES = 64 * 1024
 
 
 def load(source: ModelSource, *, base_dir: str | None = None,
-         progress: Callable[[int, int], None] | None = None) -> Model:
+         progress: Callable[[int, int], None] | None = None,
+         file_tensor_bytes: int | None = FILE_TENSOR_BYTES) -> Model:
     """Load a model into the IR from a path, serialized bytes or a ``ModelProto``.
 
     External data is not read: it is memory-mapped on demand. A ``ModelProto`` passed in is
@@ -42,6 +47,12 @@ def load(source: ModelSource, *, base_dir: str | None = None,
     from it (on first use, and to write them back): leave it unchanged while the model is in
     use. Its nodes take a copy of their own, which loading from a path or bytes does without.
     ``progress``, if given, is called with (bytes read, file size) as a file is read.
+
+    From a path, the main graph's initializers of ``file_tensor_bytes`` or more (64 KiB by
+    default; ``None``: none) are not read: they stay in the file, which is kept open, until a
+    pass reads them, and a save copies them file to file. Memory then holds the graph, not the
+    weights. Replace the file (as ``save`` does) rather than rewrite it in place while the
+    model is in use.
 
     Raises:
         ModelLoadError: the file is missing, unreadable, truncated or not an ONNX model, or its
@@ -61,6 +72,15 @@ def load(source: ModelSource, *, base_dir: str | None = None,
         proto = _parse(bytes(source), "the given bytes")
         return _from_proto(proto, base_dir, "the given bytes", owned=True)
     path = os.fspath(source)
+    if base_dir is None:
+        base_dir = os.path.dirname(os.path.abspath(path))
+    if file_tensor_bytes is not None:
+        model = _load_leaving_weights(path, base_dir, file_tensor_bytes)
+        if model is not None:
+            if progress is not None:
+                size = os.path.getsize(path)
+                progress(size, size)
+            return model
     try:
         with open(path, "rb") as f:
             data = _read(f, progress)
@@ -72,8 +92,48 @@ def load(source: ModelSource, *, base_dir: str | None = None,
         raise ModelLoadError(f"cannot read '{path}': {exc.strerror}") from None
     proto = _parse(data, f"'{path}'")
     del data
-    return _from_proto(proto, base_dir if base_dir is not None else os.path.dirname(os.path.abspath(path)),
-                       f"'{path}'", owned=True)
+    return _from_proto(proto, base_dir, f"'{path}'", owned=True)
+
+
+def _load_leaving_weights(path: str, base_dir: str, min_bytes: int) -> Model | None:
+    """Load ``path`` with its large main-graph weights left in the file (see ``FileTensor``).
+
+    ``None`` when the file has no such weight or is not plainly encoded: the caller then reads
+    it whole (and reports any error in it).
+    """
+    try:
+        if os.path.getsize(path) < min_bytes:
+            return None
+        source = SourceFile(path)
+    except OSError:
+        return None  # missing, a folder, unreadable: the plain read says which
+    try:
+        with mmap.mmap(source.fd, 0, access=mmap.ACCESS_READ) as view:
+            split = split_large_initializers(view, min_bytes)
+    except (OSError, ValueError):
+        return None
+    if split is None:
+        return None
+    rest, slices = split
+    try:
+        proto = _parse(rest, f"'{path}'")
+    except ModelLoadError:
+        return None
+    del rest
+
+    def maker(piece: FileSlice) -> Callable[[onnx.TensorProto], Tensor]:
+        def make(header: onnx.TensorProto) -> Tensor:
+            if header.data_location == onnx.TensorProto.EXTERNAL or header.HasField("segment"):
+                # Rare forms whose raw bytes mean something else: read the record whole.
+                full = onnx.TensorProto.FromString(source.read(piece.record_offset, piece.record_length))
+                return ExternalTensor(full, base_dir) if full.data_location == onnx.TensorProto.EXTERNAL \
+                    else ProtoTensor(full)
+            return FileTensor(header, source, piece.data_offset, piece.data_length, piece.record_offset,
+                              piece.record_length)
+        return make
+
+    return _from_proto(proto, base_dir, f"'{path}'", owned=True,
+                       main_tensors={piece.index: maker(piece) for piece in slices})
 
 
 def _read(f: BinaryIO, progress: Callable[[int, int], None] | None) -> bytes:
@@ -89,13 +149,14 @@ def _read(f: BinaryIO, progress: Callable[[int, int], None] | None) -> bytes:
     return b"".join(chunks)
 
 
-def _from_proto(proto: onnx.ModelProto, base_dir: str | None, what: str, *, owned: bool) -> Model:
+def _from_proto(proto: onnx.ModelProto, base_dir: str | None, what: str, *, owned: bool,
+                main_tensors: dict[int, Callable[[onnx.TensorProto], Tensor]] | None = None) -> Model:
     # Building the IR allocates many objects and frees none: the cyclic collector's passes would
     # only rescan them (about half of the load time on graphs of thousands of nodes).
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return model_from_proto(proto, base_dir, owned=owned)
+        return model_from_proto(proto, base_dir, owned=owned, main_tensors=main_tensors)
     except (UnicodeDecodeError, UndecodableNameError):
         # proto2 strings are not checked when parsed: invalid UTF-8 comes back as bytes (the
         # reader checks every name), or raises when read. Either way the file is corrupt.
@@ -373,14 +434,25 @@ def _write_inline(model: Model, path: str, out_dir: str, cleanup: list[str]) -> 
         graph_rest = proto.graph.SerializeToString()
         proto.ClearField("graph")
         head = proto.SerializeToString()
-    tensors: list[bytes] = []
+    # Each initializer is a piece: encoded bytes, or a record copied from the input file. Large
+    # encodings are not kept between sizing and writing (they are made again), so the save
+    # never holds a second copy of the weights.
+    pieces: list[bytes | FileTensor | Tensor] = []
+    sizes: list[int] = []
     for v in model.graph.initializers.values():
         tensor = v.const_value
-        if isinstance(tensor, Tensor):
-            tensor.name = v.name
-            tensors.append(tensor.to_proto(with_data=True).SerializeToString())
-    initializers = _framed(_INITIALIZER_KEY, tensors)
-    graph_size = sum(map(len, nodes)) + len(graph_rest) + sum(map(len, initializers))
+        if not isinstance(tensor, Tensor):
+            continue
+        tensor.name = v.name
+        if isinstance(tensor, FileTensor) and tensor.unchanged():
+            pieces.append(tensor)
+            sizes.append(tensor.record_length)
+            continue
+        encoded = tensor.to_proto(with_data=True).SerializeToString()
+        sizes.append(len(encoded))
+        pieces.append(encoded if len(encoded) <= _KEEP_ENCODED else tensor)
+    prefixes = _FieldPrefixes(_INITIALIZER_KEY)
+    graph_size = sum(map(len, nodes)) + len(graph_rest) + sum(sizes) + sum(len(prefixes[n]) for n in sizes)
     tmp, f = _open_temp(out_dir, path)
     cleanup.append(tmp)
     with f:
@@ -388,9 +460,49 @@ def _write_inline(model: Model, path: str, out_dir: str, cleanup: list[str]) -> 
         f.write(_GRAPH_KEY + _varint(graph_size))
         f.write(b"".join(nodes))
         f.write(graph_rest)
-        f.writelines(initializers)
+        del nodes, graph_rest
+        batch: list[bytes] = []
+        for piece, size in zip(pieces, sizes):
+            batch.append(prefixes[size])
+            if isinstance(piece, bytes):
+                batch.append(piece)
+            elif isinstance(piece, FileTensor) and piece.unchanged():
+                f.writelines(batch)
+                batch = []
+                _copy_range(piece.source, piece.record_offset, size, f)
+            else:
+                encoded = piece.to_proto(with_data=True).SerializeToString()
+                if len(encoded) != size:
+                    raise EmitError(f"tensor '{piece.name}' encoded to {len(encoded)} bytes, then to {size}")
+                batch.append(encoded)
+                f.writelines(batch)
+                batch = []
+        f.writelines(batch)
     os.replace(tmp, path)
     cleanup.remove(tmp)
+
+
+#: Encoded initializers up to this size are kept from sizing to writing; larger ones are made twice.
+_KEEP_ENCODED = 1 << 20
+
+
+def _copy_range(source: SourceFile, offset: int, length: int, f: BinaryIO) -> None:
+    """Append ``length`` bytes of ``source`` at ``offset`` to ``f``, in the kernel where it can."""
+    f.flush()
+    out = f.fileno()
+    copy = getattr(os, "copy_file_range", None)
+    try:
+        while copy is not None and length > 0:
+            n = copy(source.fd, out, length, offset)
+            if n <= 0:
+                break
+            offset += n
+            length -= n
+    except OSError:
+        pass  # not supported between these files: copy through memory below
+    for chunk in source.iter_chunks(offset, length):
+        f.write(chunk)
+    f.seek(0, os.SEEK_END)
 
 
 def _write_proto(proto: onnx.ModelProto, path: str, out_dir: str, cleanup: list[str]) -> None:

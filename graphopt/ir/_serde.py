@@ -57,9 +57,11 @@ def _set_fields(proto, obj, fields: tuple[str, ...], explicit: tuple[str, ...]) 
 class _Reader:
     """Builds the IR of one model; resolves names through nested scopes."""
 
-    def __init__(self, base_dir: str | None, owned: bool) -> None:
+    def __init__(self, base_dir: str | None, owned: bool,
+                 main_tensors: dict[int, Callable[[onnx.TensorProto], Tensor]] | None = None) -> None:
         self.base_dir = base_dir
         self.owned = owned
+        self.main_tensors = main_tensors or {}
         # Reads one attribute of a node without subgraphs, when the node's attributes are first
         # asked for (most never are: saving writes the node's proto back as is).
         self.read_attribute = partial(attr_from_proto, read_graph=_no_graph, read_tensor=self.tensor)
@@ -95,8 +97,11 @@ class _Reader:
             v.graph = g
             inputs.append(v)
             apply_info(g, "input", v, info)
-        for tproto in proto.initializer:
-            tensor = self.tensor(tproto)
+        # Initializers of the main graph whose bytes were left in the file: built by the loader.
+        special = self.main_tensors if not outer and parent is None else {}
+        for index, tproto in enumerate(proto.initializer):
+            make = special.get(index)
+            tensor = self.tensor(tproto) if make is None else make(tproto)
             name = tensor.name
             existing = scope.get(name)
             if existing is not None and existing.graph is g and existing.const_value is None:
@@ -297,15 +302,18 @@ def _no_graph(proto: onnx.GraphProto) -> Graph:
 
 
 def model_from_proto(proto: onnx.ModelProto, base_dir: str | None = None, *,
-                     owned: bool = False) -> Model:
+                     owned: bool = False,
+                     main_tensors: dict[int, Callable[[onnx.TensorProto], Tensor]] | None = None) -> Model:
     """Build the IR of ``proto``. External data is resolved (lazily) against ``base_dir``.
 
     The proto is not modified. The IR refers to it: tensors, declared types and the attributes
     of ``Constant`` nodes are read from it when first used, and written back from it while
     unchanged; unchanged nodes are written back as read. Unless ``owned`` (the caller parsed
     the proto and hands it over), nodes keep a copy of their proto: the caller may edit its own.
+    ``main_tensors`` maps positions of main-graph initializers to a function that builds the
+    tensor from the proto (the loader's, for weights whose bytes stay in the file).
     """
-    reader = _Reader(base_dir, owned)
+    reader = _Reader(base_dir, owned, main_tensors)
     graph = reader.graph(proto.graph, [])
     model = Model(graph, ir_version=proto.ir_version,
                   opset_imports={o.domain: o.version for o in proto.opset_import},

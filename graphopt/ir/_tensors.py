@@ -2,6 +2,8 @@
 
 * :class:`ProtoTensor` wraps a ``TensorProto`` read from the model; it is written back unchanged
   (raw or typed storage alike) unless a pass replaces it.
+* :class:`FileTensor` is a large weight stored inline in the model file; its bytes are read from
+  the file only when needed and copied file to file when saved unchanged.
 * :class:`ExternalTensor` points into an external data file. Its values are memory-mapped on
   demand; saving copies its bytes file to file in chunks, so a 3 GB model never sits in memory.
 * :class:`ArrayTensor` holds a numpy array that a pass computed.
@@ -13,7 +15,10 @@ All of them answer ``dtype`` (an ONNX element type), ``shape``, ``nbytes`` and `
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+import sys
+import weakref
 from typing import Callable, Iterator
 
 import numpy as np
@@ -23,7 +28,7 @@ from onnx import numpy_helper
 from graphopt.errors import ExternalDataError
 from graphopt.ir._types import numpy_dtype
 
-__all__ = ["Tensor", "ProtoTensor", "ExternalTensor", "ArrayTensor", "LazyTensor",
+__all__ = ["Tensor", "ProtoTensor", "FileTensor", "SourceFile", "ExternalTensor", "ArrayTensor", "LazyTensor",
            "SparseTensor", "resolve_external_location"]
 
 _CHUNK = 16 * 1024 * 1024
@@ -171,6 +176,155 @@ class ProtoTensor(Tensor):
         return self._proto
 
 
+class SourceFile:
+    """A model file held open for the tensors that read from it.
+
+    The descriptor stays valid when the path is replaced (``graphopt.ir.save`` writes a new file
+    and renames it over the old one), so saving a model over its own file is safe. It is closed
+    when the last tensor reading from it is gone. A file changed *in place* while its model is
+    in use would change those tensors: replace files, never rewrite them.
+    """
+
+    __slots__ = ("fd", "path", "__weakref__")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        weakref.finalize(self, os.close, self.fd)
+
+    def __copy__(self) -> SourceFile:
+        return self  # the file is only read: copies of a model share it (and keep it open)
+
+    def __deepcopy__(self, memo: dict) -> SourceFile:
+        return self
+
+    def __reduce__(self) -> tuple:
+        return (SourceFile, (self.path,))  # another process opens the file again by its path
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``."""
+        chunks: list[bytes] = []
+        while length > 0:
+            chunk = os.pread(self.fd, min(length, 1 << 30), offset)
+            if not chunk:
+                raise OSError(f"'{self.path}' ended early (was it changed while in use?)")
+            chunks.append(chunk)
+            offset += len(chunk)
+            length -= len(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def iter_chunks(self, offset: int, length: int) -> Iterator[bytes]:
+        """The same bytes in chunks of at most 16 MB."""
+        while length > 0:
+            n = min(length, _CHUNK)
+            yield self.read(offset, n)
+            offset += n
+            length -= n
+
+
+#: Element types whose raw bytes are the numpy array as is (on a little-endian machine).
+_PLAIN_DTYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
+})
+
+
+class FileTensor(Tensor):
+    """A tensor stored inline in a model file whose ``raw_data`` stays in the file until needed.
+
+    Loading a large model keeps only each weight's header (name, type, dims) in memory, so the
+    resident set does not grow by the weights' size. ``numpy()`` reads the bytes; a save writes
+    the tensor's record back byte for byte (copied file to file) while its name is unchanged.
+
+    Example:
+        >>> t = model.graph.initializers["w"].const_value  # doctest: +SKIP
+        >>> type(t).__name__, t.shape                      # doctest: +SKIP
+        ('FileTensor', (768, 768))
+    """
+
+    __slots__ = ("_header", "source", "data_offset", "data_length", "record_offset", "record_length",
+                 "_array")
+
+    #: Decoded arrays up to this size are kept (as :class:`ProtoTensor` does).
+    CACHE_BYTES = ProtoTensor.CACHE_BYTES
+
+    def __init__(self, header: onnx.TensorProto, source: SourceFile, data_offset: int, data_length: int,
+                 record_offset: int, record_length: int) -> None:
+        super().__init__(header.name, header.doc_string)
+        self._header = header
+        self.source = source
+        self.data_offset = data_offset
+        self.data_length = data_length
+        self.record_offset = record_offset
+        self.record_length = record_length
+        self._array: np.ndarray | None = None
+
+    @property
+    def dtype(self) -> int:  # type: ignore[override]
+        """ONNX element type."""
+        return self._header.data_type
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
+        """Static shape."""
+        return tuple(self._header.dims)
+
+    def unchanged(self) -> bool:
+        """True while writing the tensor reproduces its record in the file (not renamed)."""
+        return self.name == self._header.name and self.doc_string == self._header.doc_string
+
+    def numpy(self) -> np.ndarray:
+        """Read the bytes and decode them (read-only); ``onnx.numpy_helper`` for packed types."""
+        cached = self._array
+        if cached is not None:
+            return cached
+        dtype = self.dtype
+        if dtype in _PLAIN_DTYPES and sys.byteorder == "little" and not self._header.HasField("segment"):
+            np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+            if self.data_length > self.CACHE_BYTES:
+                # A large weight is memory-mapped: a pass that samples or slices it reads only
+                # the pages it touches, and the pages go when the array does.
+                return self._mapped(np_dtype)
+            data = self.source.read(self.data_offset, self.data_length)
+            array = np.frombuffer(data, dtype=np_dtype).reshape(self.shape)
+        else:
+            array = numpy_helper.to_array(self.to_proto(with_data=True))
+        if array.nbytes <= self.CACHE_BYTES:
+            array.flags.writeable = False
+            self._array = array
+        return array
+
+    def _mapped(self, np_dtype: np.dtype) -> np.ndarray:
+        start = self.data_offset - self.data_offset % mmap.ALLOCATIONGRANULARITY
+        view = mmap.mmap(self.source.fd, self.data_offset + self.data_length - start, access=mmap.ACCESS_READ,
+                         offset=start)
+        count = self.data_length // np.dtype(np_dtype).itemsize
+        return np.frombuffer(view, dtype=np_dtype, count=count, offset=self.data_offset - start).reshape(self.shape)
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """The raw bytes in chunks, read from the file."""
+        yield from self.source.iter_chunks(self.data_offset, self.data_length)
+
+    def record(self) -> bytes:
+        """The tensor's encoded ``TensorProto`` as the file holds it."""
+        return self.source.read(self.record_offset, self.record_length)
+
+    def to_proto(self, *, with_data: bool = True) -> onnx.TensorProto:
+        """A ``TensorProto`` with the bytes inline (parsed from the file's record); without data,
+        the header alone (every field but ``raw_data``)."""
+        if not with_data:
+            proto = onnx.TensorProto()
+            proto.CopyFrom(self._header)
+        else:
+            proto = onnx.TensorProto.FromString(self.record())
+        if not self.unchanged():
+            proto.name = self.name
+            proto.doc_string = self.doc_string
+        return proto
+
+
 class ArrayTensor(Tensor):
     """A tensor computed by graphopt, held as a numpy array.
 
@@ -218,17 +372,22 @@ class ArrayTensor(Tensor):
 
 
 class LazyTensor(Tensor):
-    """A tensor whose array is computed on first read, then cached."""
+    """A tensor whose array is computed on first read, then cached.
 
-    __slots__ = ("_fn", "_dtype", "_shape", "_cache")
+    With ``cache=False`` the array is computed again on every read and never kept: saving a
+    model whose converted weights are all lazy then holds one converted tensor at a time.
+    """
+
+    __slots__ = ("_fn", "_dtype", "_shape", "_cache", "_keep")
 
     def __init__(self, fn: Callable[[], np.ndarray], dtype: int, shape: tuple[int, ...],
-                 name: str = "") -> None:
+                 name: str = "", *, cache: bool = True) -> None:
         super().__init__(name)
         self._fn = fn
         self._dtype = dtype
         self._shape = tuple(shape)
         self._cache: np.ndarray | None = None
+        self._keep = cache
 
     @property
     def dtype(self) -> int:  # type: ignore[override]
@@ -241,10 +400,13 @@ class LazyTensor(Tensor):
         return self._shape
 
     def numpy(self) -> np.ndarray:
-        """Compute (once) and return the array."""
-        if self._cache is None:
-            self._cache = np.asarray(self._fn())
-        return self._cache
+        """Compute (once, unless built with ``cache=False``) and return the array."""
+        if self._cache is not None:
+            return self._cache
+        array = np.asarray(self._fn())
+        if self._keep:
+            self._cache = array
+        return array
 
     def iter_bytes(self) -> Iterator[bytes]:
         """Yield the computed bytes."""

@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from graphopt.runtime._calib_stats import (
 )
 from graphopt.runtime._inputs import ort_error_text
 
-__all__ = ["CACHE_FORMAT", "CalibrationResult", "calibrate", "model_digest"]
+__all__ = ["CACHE_FORMAT", "CalibrationResult", "calibrate", "model_digest", "output_critical_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class CalibrationResult:
         stats: statistics by tensor name.
         ranges: ``(rmin, rmax)`` by tensor name for ``method`` (zero is not forced in).
         params: the method's parameters (``percentile``, ``symmetric``, ``num_quantized_bins``).
+        minmax_tensors: tensors that keep their min/max range whatever the method: graph outputs
+            and what a final MatMul/Gemm/Conv reads (see :func:`output_critical_tensors`); a
+            clipping method would cut the extremes that decide a classifier's answer.
 
     Example:
         >>> result = calibrate(model, ["conv_out"], feeds, method="percentile")  # doctest: +SKIP
@@ -104,7 +108,8 @@ class CalibrationResult:
     """
 
     def __init__(self, *, method: str, samples: int, model_digest: str,
-                 stats: dict[str, TensorStatistics], params: Mapping[str, Any] | None = None) -> None:
+                 stats: dict[str, TensorStatistics], params: Mapping[str, Any] | None = None,
+                 minmax_tensors: Iterable[str] = ()) -> None:
         if method not in METHODS:
             raise GraphoptError(f"unknown calibration method '{method}'; choose one of {', '.join(METHODS)}")
         self.method = method
@@ -112,7 +117,9 @@ class CalibrationResult:
         self.model_digest = model_digest
         self.stats = stats
         self.params = dict(params or {})
-        self.ranges = {name: compute_range(s, method, **self.params) for name, s in stats.items()}
+        self.minmax_tensors = frozenset(minmax_tensors)
+        self.ranges = {name: compute_range(s, "minmax" if name in self.minmax_tensors else method, **self.params)
+                       for name, s in stats.items()}
 
     def range(self, tensor: str) -> tuple[float, float]:
         """``(rmin, rmax)`` of ``tensor``.
@@ -140,14 +147,15 @@ class CalibrationResult:
             raise GraphoptError(f"unknown calibration parameter '{unknown[0]}' (known: percentile, "
                                 "symmetric, num_quantized_bins, mse_bits)")
         return CalibrationResult(method=method, samples=self.samples, model_digest=self.model_digest,
-                                 stats=self.stats, params=merged)
+                                 stats=self.stats, params=merged, minmax_tensors=self.minmax_tensors)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics to an ``.npz`` cache (atomically; no pickled objects)."""
         path = os.fspath(path)
         names = list(self.stats)
         meta = {"format": CACHE_FORMAT, "method": self.method, "samples": self.samples,
-                "model_digest": self.model_digest, "params": self.params, "tensors": names}
+                "model_digest": self.model_digest, "params": self.params, "tensors": names,
+                "minmax_tensors": sorted(self.minmax_tensors)}
         bins = {s.num_bins for s in self.stats.values()}
         hist = (np.stack([self.stats[n].hist for n in names]) if names
                 else np.zeros((0, bins.pop() if bins else 8), np.int64))
@@ -196,7 +204,7 @@ class CalibrationResult:
                                     "or calibrate again")
         stats = {name: TensorStatistics.from_parts(headers[i], hist[i]) for i, name in enumerate(meta["tensors"])}
         return cls(method=meta["method"], samples=int(meta["samples"]), model_digest=meta["model_digest"],
-                   stats=stats, params=meta.get("params"))
+                   stats=stats, params=meta.get("params"), minmax_tensors=meta.get("minmax_tensors", ()))
 
     def __repr__(self) -> str:
         return f"CalibrationResult(method={self.method!r}, samples={self.samples}, tensors={len(self.stats)})"
@@ -295,8 +303,23 @@ def _groups(tensors: list[str], sizes: Mapping[str, int | None], budget: int) ->
     return groups
 
 
-def _session_for(model: onnx.ModelProto, outputs: Sequence[str], threads: int) -> Any:
-    """A session on ``model`` with ``outputs`` as its only outputs (the model is left as it was)."""
+#: Serialized protobuf messages are limited to 2 GiB; above this many bytes of initializers the
+#: calibration copy goes through a file with external data.
+_INLINE_LIMIT = (2 << 30) - (64 << 20)
+
+
+def _needs_external_data(model: onnx.ModelProto) -> bool:
+    """True when ``model`` cannot be serialized as one protobuf (its tensors near 2 GiB)."""
+    return sum(t.ByteSize() for t in model.graph.initializer) > _INLINE_LIMIT
+
+
+def _session_for(model: onnx.ModelProto, outputs: Sequence[str], threads: int,
+                 folder: str | None = None) -> Any:
+    """A session on ``model`` with ``outputs`` as its only outputs (the model is left as it was).
+
+    With ``folder``, the copy is saved there with external data and the session opens the file:
+    no protobuf over 2 GiB is built.
+    """
     from graphopt.runtime._session import make_session, max_ir_version
 
     graph = model.graph
@@ -308,15 +331,64 @@ def _session_for(model: onnx.ModelProto, outputs: Sequence[str], threads: int) -
         for name in outputs:
             graph.output.append(by_name[name] if name in by_name else onnx.ValueInfoProto(name=name))
         model.ir_version = min(model.ir_version, max_ir_version())
-        data = model.SerializeToString()
+        if folder is None:
+            source: bytes | str = model.SerializeToString()
+        else:
+            from graphopt import ir
+
+            source = os.path.join(folder, "calibration.onnx")
+            for stale in (source, source + ".data"):
+                if os.path.exists(stale):
+                    os.unlink(stale)
+            ir.save(ir.load(model), source, external_data=True)
     finally:
         del graph.output[:]
         graph.output.extend(saved_outputs)
         model.ir_version = saved_ir
     try:
-        return make_session(data, optimize=False, threads=threads)
+        return make_session(source, optimize=False, threads=threads)
     except Exception as exc:  # onnxruntime raises its own exception types for refusals
         raise GraphoptError(f"onnxruntime cannot run the model for calibration: {ort_error_text(exc)}") from None
+
+
+#: Ops that move values without changing them: a range read through them is the same range.
+_VALUE_PRESERVING = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity"})
+#: Ops whose output is (nearly) a linear function of their data input: a final one passes the
+#: clipping of its input straight into the model's output.
+_FINAL_LINEAR = frozenset({"MatMul", "Gemm", "Conv"})
+
+
+def output_critical_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors whose extremes decide the model's outputs: they keep min/max ranges.
+
+    These are the graph outputs and the activation inputs of a MatMul/Gemm/Conv that writes a
+    graph output (followed back through reshaping ops). Clipping methods (entropy, percentile,
+    mse) cut rare large values; on a classifier's logits or the features of its last layer,
+    those are the values that pick the class.
+
+    Example:
+        >>> sorted(output_critical_tensors(model))  # doctest: +SKIP
+        ['features', 'flat', 'logits']
+    """
+    graph = model.graph
+    producer = {o: node for node in graph.node for o in node.output if o}
+    constants = {t.name for t in graph.initializer}
+    critical = {o.name for o in graph.output}
+    pending: list[str] = []
+    for name in list(critical):
+        node = producer.get(name)
+        if node is not None and node.domain in ("", "ai.onnx") and node.op_type in _FINAL_LINEAR:
+            pending.extend(i for i in node.input[:2] if i and i not in constants)
+    while pending:
+        name = pending.pop()
+        if name in critical:
+            continue
+        critical.add(name)
+        node = producer.get(name)
+        if (node is not None and node.domain in ("", "ai.onnx") and node.op_type in _VALUE_PRESERVING
+                and node.input and node.input[0] not in constants):
+            pending.append(node.input[0])
+    return critical
 
 
 def _producible(model: onnx.ModelProto) -> set[str]:
@@ -326,11 +398,51 @@ def _producible(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def _run_groups(proto: onnx.ModelProto, groups: list[list[str]], feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+                stats: dict[str, TensorStatistics], input_names: set[str], scratch: Scratch, threads: int,
+                folder: str | None, progress: ProgressCallback | None, runs_total: int | None) -> int:
+    """One pass over the data per group of tensors, reducing each sample into ``stats``; the sample count."""
+    runs_done = 0
+    samples = 0
+    for index, group in enumerate(groups):
+        # Graph inputs need no run: their statistics come from the feeds themselves.
+        fetched = [t for t in group if t not in input_names]
+        session = _session_for(proto, fetched, threads, folder) if fetched else None
+        count = 0
+        for feed in feeds():
+            count += 1
+            if session is not None:
+                try:
+                    outs = session.run(fetched, dict(feed))
+                except Exception as exc:  # onnxruntime raises its own exception types
+                    raise GraphoptError(f"onnxruntime failed on calibration sample {count}: "
+                                        f"{ort_error_text(exc)}") from None
+                for name, value in zip(fetched, outs):
+                    stats[name].update(value, scratch)
+                del outs
+            for name in group:
+                if name in input_names:
+                    stats[name].update(feed[name], scratch)
+            runs_done += 1
+            if progress is not None:
+                progress(runs_done, runs_total)
+        if count == 0:
+            raise GraphoptError("the calibration data yielded no samples")
+        if index == 0:
+            samples = count
+        elif count != samples:
+            raise GraphoptError(f"the calibration data yielded {count} samples on pass {index + 1} but "
+                                f"{samples} on the first; the source must give the same samples each pass")
+        session = None
+    return samples
+
+
 def calibrate(model: onnx.ModelProto | str | os.PathLike, tensors: Sequence[str],
               data: Iterable[Mapping[str, np.ndarray]], *, method: str = "minmax",
               percentile: float = 99.999, num_bins: int = 2048, symmetric: bool = False,
               progress: ProgressCallback | None = None, threads: int = 1,
-              group_bytes: int = DEFAULT_GROUP_BYTES, num_quantized_bins: int = 128) -> CalibrationResult:
+              group_bytes: int = DEFAULT_GROUP_BYTES, num_quantized_bins: int = 128,
+              external_data: bool | None = None) -> CalibrationResult:
     """Collect streaming statistics of ``tensors`` over ``data`` and compute their ranges.
 
     Args:
@@ -346,6 +458,8 @@ def calibrate(model: onnx.ModelProto | str | os.PathLike, tensors: Sequence[str]
         threads: onnxruntime intra-op threads.
         group_bytes: bound on the bytes of requested tensors one run fetches.
         num_quantized_bins: for ``entropy``, the quantized levels compared against.
+        external_data: hand the model to onnxruntime as a file with external data in a
+            temporary folder (``None``: when its tensors approach the 2 GiB protobuf limit).
 
     Returns:
         A :class:`CalibrationResult`.
@@ -373,7 +487,8 @@ def calibrate(model: onnx.ModelProto | str | os.PathLike, tensors: Sequence[str]
                             "give names of node outputs or graph inputs")
     stats = {name: TensorStatistics(num_bins) for name in wanted}
     if not wanted:
-        return CalibrationResult(method=method, samples=0, model_digest=digest, stats=stats, params=params)
+        return CalibrationResult(method=method, samples=0, model_digest=digest, stats=stats, params=params,
+                                 minmax_tensors=output_critical_tensors(proto) & set(wanted))
     inputs = model_inputs(proto)
     one_shot = getattr(data, "one_shot", False) or iter(data) is data
     checked = data if isinstance(data, CalibrationSource) else None
@@ -398,44 +513,18 @@ def calibrate(model: onnx.ModelProto | str | os.PathLike, tensors: Sequence[str]
         groups = _groups(wanted, _tensor_sizes(proto, wanted, first), group_bytes)
     input_names = {i.name for i in inputs}
     runs_total = None if total is None else total * len(groups)
-    runs_done = 0
-    samples = 0
     scratch = Scratch()  # one set of work buffers for every tensor: no allocation per update
     started = time.perf_counter()
-    for index, group in enumerate(groups):
-        # Graph inputs need no run: their statistics come from the feeds themselves.
-        fetched = [t for t in group if t not in input_names]
-        session = _session_for(proto, fetched, threads) if fetched else None
-        count = 0
-        for feed in feeds():
-            count += 1
-            if session is not None:
-                try:
-                    outs = session.run(fetched, dict(feed))
-                except Exception as exc:  # onnxruntime raises its own exception types
-                    raise GraphoptError(f"onnxruntime failed on calibration sample {count}: "
-                                        f"{ort_error_text(exc)}") from None
-                for name, value in zip(fetched, outs):
-                    stats[name].update(value, scratch)
-                del outs
-            for name in group:
-                if name in input_names:
-                    stats[name].update(feed[name], scratch)
-            runs_done += 1
-            if progress is not None:
-                progress(runs_done, runs_total)
-        if count == 0:
-            raise GraphoptError("the calibration data yielded no samples")
-        if index == 0:
-            samples = count
-        elif count != samples:
-            raise GraphoptError(f"the calibration data yielded {count} samples on pass {index + 1} but "
-                                f"{samples} on the first; the source must give the same samples each pass")
-        session = None
+    if external_data is None:
+        external_data = _needs_external_data(proto)
+    with tempfile.TemporaryDirectory(prefix="graphopt-calib-") if external_data else nullcontext() as folder:
+        samples = _run_groups(proto, groups, feeds, stats, input_names, scratch, threads, folder, progress,
+                              runs_total)
     logger.info("calibrated %d tensors over %d samples in %d group(s), %.2f s", len(wanted), samples,
                 len(groups), time.perf_counter() - started)
     empty = [n for n, s in stats.items() if s.count == 0]
     if empty:
         logger.warning("%d calibrated tensors held no finite values (e.g. '%s'); their range is (0, 0)",
                        len(empty), empty[0])
-    return CalibrationResult(method=method, samples=samples, model_digest=digest, stats=stats, params=params)
+    return CalibrationResult(method=method, samples=samples, model_digest=digest, stats=stats, params=params,
+                             minmax_tensors=output_critical_tensors(proto) & set(wanted))

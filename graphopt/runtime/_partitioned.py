@@ -416,6 +416,21 @@ def _split_batch(feeds: Mapping[str, np.ndarray], parts: int) -> list[dict[str, 
     return [{name: array[lo:hi] for name, array in feeds.items()} for lo, hi in zip(bounds, bounds[1:])]
 
 
+def _check_row_independent(manifest: Manifest) -> None:
+    """Refuse micro-batches unless every node provably computes each row of axis 0 on its own."""
+    import onnx
+
+    from graphopt.runtime._batch_rows import row_independence_problem
+
+    protos = [onnx.load(str(manifest.partition_path(part)), load_external_data=False)
+              for part in manifest.partitions]
+    problem = row_independence_problem(protos, [t.name for t in manifest.inputs],
+                                       [t.name for t in manifest.outputs])
+    if problem:
+        raise GraphoptError(f"micro-batches would change the outputs: {problem}; run with "
+                            "micro_batches=1 (--micro-batches 1)")
+
+
 def _join_batches(chunks: Sequence[Mapping[str, Any]], sizes: Sequence[int],
                   names: Sequence[str]) -> dict[str, np.ndarray]:
     """Concatenate micro-batch outputs along axis 0, refusing outputs that do not keep the batch."""
@@ -489,6 +504,8 @@ class PartitionedSession:
         device_list = [(devices or {}).get(part.name, part.device) for part in manifest.partitions]
         for device in device_list:
             parse_device(device)
+        if micro_batches > 1:
+            _check_row_independent(manifest)
         self.manifest = manifest
         self.backend = backend
         self.micro_batches = micro_batches

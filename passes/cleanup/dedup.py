@@ -1,10 +1,15 @@
 """``dedup-initializers``: store initializers with identical contents once per graph.
 
 Two initializers are duplicates when they have the same element type, shape and bytes. Only
-tensors in a group of equal ``(dtype, shape, nbytes)`` are hashed (``Tensor.digest()`` streams,
-so external weights are never loaded whole), and equal digests are confirmed by comparing the
-bytes, so a merge never rests on a hash alone. Readers of a duplicate read the first one (in
-initializer order), and the duplicate is dropped.
+tensors in a group of equal ``(dtype, shape, nbytes)`` are compared. Large tensors are first
+told apart by a fingerprint of a few kilobytes (their first, middle and last bytes), read
+without loading the rest (file-backed and external weights are memory-mapped); only tensors with
+equal fingerprints are hashed whole (``Tensor.digest()`` streams), and equal digests are
+confirmed by comparing the bytes, so a merge never rests on a hash or a sample alone. Readers of
+a duplicate read the first one (in initializer order), and the duplicate is dropped.
+
+Merging equal tensors changes no value's type or shape, so the pass preserves
+``shapes-inferred`` (no ``infer-shapes`` rerun after it).
 
 Never merged: graph inputs (IR < 4 overridable weights), graph outputs, values listed as the
 output of any graph, and names the model's ``training_info`` refers to. Sparse initializers are
@@ -16,6 +21,9 @@ from __future__ import annotations
 
 import logging
 from typing import Iterator
+
+import numpy as np
+import onnx
 
 from graphopt import ir
 from graphopt.pipeline import Pass, PassContext, PassResult
@@ -37,7 +45,7 @@ class DedupInitializers(Pass):
 
     name = "dedup-initializers"
     opt_level = 1
-    preserves = frozenset({"topo-sorted"})
+    preserves = frozenset({"topo-sorted", "shapes-inferred"})
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Merge duplicates graph by graph."""
@@ -76,20 +84,64 @@ def _result(removed: int, saved: int) -> PassResult:
     return PassResult(removed > 0, {"removed-initializers": removed, "saved-bytes": saved})
 
 
+#: Bytes read from each of the start, middle and end of a large tensor for its fingerprint.
+_SAMPLE_BYTES = 4096
+#: Element types whose arrays are their raw bytes (a sample of the array is a sample of the bytes).
+_SAMPLED_DTYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+    onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
+})
+
+
+def _fingerprint(tensor: ir.Tensor) -> bytes | None:
+    """The first, middle and last 4 KiB of a large tensor's bytes; ``None`` for small tensors.
+
+    Equal tensors have equal fingerprints, so tensors whose fingerprints differ need no hashing.
+
+    Example:
+        >>> t = ir.ArrayTensor(np.arange(8192, dtype=np.float32))
+        >>> len(_fingerprint(t))
+        12288
+    """
+    if tensor.dtype not in _SAMPLED_DTYPES or tensor.nbytes <= 3 * _SAMPLE_BYTES:
+        return None  # hashing it whole costs no more than sampling
+    flat = np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
+    middle = (flat.size - _SAMPLE_BYTES) // 2
+    return b"".join((flat[:_SAMPLE_BYTES].tobytes(), flat[middle:middle + _SAMPLE_BYTES].tobytes(),
+                     flat[-_SAMPLE_BYTES:].tobytes()))
+
+
 def _duplicates(group: list[ir.Value]) -> Iterator[tuple[ir.Value, ir.Value]]:
-    """``(kept, duplicate)`` pairs of a group with equal dtype, shape and size."""
-    by_digest: dict[str, list[ir.Value]] = {}
+    """``(kept, duplicate)`` pairs of a group with equal dtype, shape and size.
+
+    Pairs come by the kept value's position in ``group``, then the duplicate's: the same order
+    whatever the fingerprints, so the rewiring (and the uses' order) does not depend on them.
+    """
+    by_fingerprint: dict[bytes | None, list[ir.Value]] = {}
     for value in group:
         assert isinstance(value.const_value, ir.Tensor)
-        by_digest.setdefault(value.const_value.digest(), []).append(value)
-    for same in by_digest.values():
-        kept: list[ir.Value] = []
-        for value in same:
-            original = next((k for k in kept if _same_bytes(k.const_value, value.const_value)), None)
-            if original is None:
-                kept.append(value)
-            else:
-                yield original, value
+        by_fingerprint.setdefault(_fingerprint(value.const_value), []).append(value)
+    position = {id(v): i for i, v in enumerate(group)}
+    pairs: list[tuple[ir.Value, ir.Value]] = []
+    for candidates in by_fingerprint.values():
+        if len(candidates) < 2:
+            continue  # nothing shares its fingerprint: no duplicate, no hashing
+        by_digest: dict[str, list[ir.Value]] = {}
+        for value in candidates:
+            assert isinstance(value.const_value, ir.Tensor)
+            by_digest.setdefault(value.const_value.digest(), []).append(value)
+        for same in by_digest.values():
+            kept: list[ir.Value] = []
+            for value in same:
+                original = next((k for k in kept if _same_bytes(k.const_value, value.const_value)), None)
+                if original is None:
+                    kept.append(value)
+                else:
+                    pairs.append((original, value))
+    pairs.sort(key=lambda pair: (position[id(pair[0])], position[id(pair[1])]))
+    yield from pairs
 
 
 def _same_bytes(a: ir.Tensor, b: ir.Tensor) -> bool:

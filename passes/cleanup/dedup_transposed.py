@@ -2,7 +2,8 @@
 
 GPT-2 exports keep the tied embedding twice: ``wte [V, H]`` for the token lookup and its
 transpose ``[H, V]`` for the language-model head (154 MB of a 652 MB file). This pass finds such
-pairs and replaces the duplicate by ``Transpose(original, perm)`` or ``Reshape(original, shape)``.
+pairs and stores one of them: a reshaped copy becomes ``Reshape(original, shape)``, and the matrix
+products that read a transposed copy read the original instead (``Gemm`` with ``transB``).
 
 Equality is exact, bit for bit (``-0.0`` differs from ``0.0``, a NaN equals only the same NaN), so
 the outputs cannot change. Deciding it stays cheap and memory-bounded:
@@ -15,15 +16,16 @@ the outputs cannot change. Deciding it stays cheap and memory-bounded:
 3. the full comparison walks the duplicate in chunks of about ``chunk-bytes`` along its first
    axis, reading the original through a transposed view, so no transposed copy is ever built.
 
-Which one stays: when the duplicate's every reader is the second input of a ``MatMul`` or
-``Gemm`` and the permutation swaps the last two axes, that one is replaced (``Gemm`` has
-``transB``, and the contrib fusions fold the Transpose into a ``FusedMatMul``); otherwise the
-later initializer is replaced. The new node sits at the start of the graph and its output keeps
-the duplicate's name.
-
-Cost: the Transpose runs at inference time. onnxruntime at ``ORT_ENABLE_ALL`` folds it back into
-a constant when the session is created (the memory is then spent at load time, the file stays
-small); at ``ORT_DISABLE_ALL`` it runs on every call unless a matrix product absorbs it.
+A transposed pair is stored once only where the matrix products reading the duplicate absorb
+the transpose, so that no Transpose runs at inference time (at ``ORT_DISABLE_ALL`` a Transpose of
+GPT-2's 154 MB head weight made the model 2.5x slower): the duplicate's every reader must be the
+second input of a ``Gemm`` (its ``transB`` flips) or of a float ``MatMul`` with a 2-D right
+operand, which becomes ``Gemm(A, W, transB=1)`` (``A`` of rank 2) or
+``Reshape(Gemm(Reshape(A, [-1, K]), W, transB=1), leading dims of A + [N])`` (the leading dims
+from ``A``'s static shape, or from ``Shape(A)`` at run time; opset 10 or later). Of a pair, the
+one whose readers absorb is replaced; when neither's do, both stay. A reshaped pair (a
+``Reshape`` costs no copy) is always stored once: the new node sits at the start of the graph
+and its output keeps the duplicate's name.
 
 Never touched: graph inputs (IR < 4 overridable weights), graph outputs, values listed as the
 output of any graph, names the model's ``training_info`` refers to, sparse initializers, string
@@ -145,14 +147,29 @@ def transposition_of(original: np.ndarray, duplicate: np.ndarray, *, samples: in
     return None
 
 
+#: Element types of ``Gemm`` (every opset from 11 on), the products a transpose is folded into.
+_GEMM_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16})
+
+
 def _absorbs_transpose(value: ir.Value, perm: tuple[int, ...]) -> bool:
-    """True when every reader of ``value`` takes it as the right operand of a matrix product."""
-    rank = len(perm)
-    if perm != tuple(range(rank - 2)) + (rank - 1, rank - 2):
+    """True when every reader of ``value`` is a product that can read its transpose instead (see above)."""
+    if perm != (1, 0):
         return False
     uses = value.uses()
-    return bool(uses) and all(node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and index == 1
-                              for node, index in uses)
+    return bool(uses) and all(_absorbing_reader(node, index) for node, index in uses)
+
+
+def _absorbing_reader(node: ir.Node, index: int) -> bool:
+    if node.domain not in ("", "ai.onnx") or index != 1 or (node.version or 0) < 11:
+        return False
+    if node.op_type == "Gemm":
+        return True
+    if node.op_type != "MatMul" or node.inputs[0] is None or node.inputs[1] is None:
+        return False
+    if node.inputs[1].dtype not in _GEMM_TYPES:  # MatMul's operands share one element type
+        return False
+    shape = node.inputs[0].shape
+    return shape is None or shape.rank >= 1
 
 
 def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
@@ -231,9 +248,15 @@ class DedupTransposedInitializers(Pass):
                     continue
                 kind, detail = relation
                 kept, duplicate = first, second
-                if kind == "transpose" and _absorbs_transpose(first, _inverse(detail)) \
-                        and not _absorbs_transpose(second, detail):
-                    kept, duplicate, detail = second, first, _inverse(detail)
+                if kind == "transpose":
+                    if _absorbs_transpose(second, detail):
+                        pass
+                    elif _absorbs_transpose(first, _inverse(detail)):
+                        kept, duplicate, detail = second, first, _inverse(detail)
+                    else:
+                        logger.debug("'%s' is a transpose of '%s', kept: a reader cannot absorb the transpose",
+                                     second.name, first.name)
+                        continue
                 if not ctx.allow_rewrite(f"replace initializer '{duplicate.name}' by {kind} of '{kept.name}'"):
                     return False
                 self._replace(graph, kept, duplicate, kind, detail)
@@ -249,6 +272,12 @@ class DedupTransposedInitializers(Pass):
         assert isinstance(tensor, ir.Tensor)
         name = duplicate.name
         model = graph.root_model()
+        if kind == "transpose":
+            for reader, _ in duplicate.uses():
+                _read_transposed(graph, reader, kept, model)
+            graph.remove_initializer(duplicate)
+            logger.debug("initializer '%s' is a transpose of '%s'; its products read that one", name, kept.name)
+            return
         out = ir.Value(model.unique_name(f"{name}_dedup") if model else f"{name}_dedup",
                        ir.TensorType(tensor.dtype, ir.Shape(tensor.shape)))
         if kind == "transpose":
@@ -265,3 +294,54 @@ class DedupTransposedInitializers(Pass):
         graph.remove_initializer(duplicate)
         out.name = name
         logger.debug("initializer '%s' is a %s of '%s'; stored once", name, kind, kept.name)
+
+
+def _read_transposed(graph: ir.Graph, reader: ir.Node, kept: ir.Value, model: ir.Model | None) -> None:
+    """Make ``reader`` (a Gemm or MatMul reading the transpose of ``kept`` as B) read ``kept``."""
+    def fresh(hint: str) -> str:
+        return model.unique_name(hint) if model is not None else hint
+
+    if reader.op_type == "Gemm":
+        reader.replace_input(1, kept)
+        reader.set_attr("transB", 1 - int(reader.attr("transB", 0)))
+        return
+    left, out = reader.inputs[0], reader.outputs[0]
+    assert left is not None and isinstance(kept.const_value, ir.Tensor)
+    rows, depth = kept.const_value.shape
+    dims = list(left.shape.dims) if left.shape is not None else None
+    new_nodes: list[ir.Node] = []
+    if dims is not None and len(dims) == 2:
+        gemm = ir.Node("", "Gemm", [left, kept], attributes={"transB": 1}, outputs=[ir.Value(fresh(out.name), out.type)])
+        new_nodes.append(gemm)
+        result = gemm.outputs[0]
+    else:
+        flat_shape = graph.add_initializer(fresh(f"{kept.name}_rows"), ir.ArrayTensor(np.array([-1, depth], np.int64)))
+        flat = ir.Node("", "Reshape", [left, flat_shape], outputs=[ir.Value(fresh(f"{out.name}_flat_in"))])
+        gemm = ir.Node("", "Gemm", [flat.outputs[0], kept], attributes={"transB": 1},
+                       outputs=[ir.Value(fresh(f"{out.name}_flat"))])
+        new_nodes += [flat, gemm]
+        if dims is not None and all(isinstance(d, int) and d >= 0 for d in dims):
+            target = graph.add_initializer(fresh(f"{out.name}_shape"),
+                                           ir.ArrayTensor(np.array([*dims[:-1], rows], np.int64)))
+        else:
+            shape = ir.Node("", "Shape", [left], outputs=[ir.Value(fresh(f"{out.name}_in_shape"))])
+            starts = graph.add_initializer(fresh("zero"), ir.ArrayTensor(np.array([0], np.int64)))
+            ends = graph.add_initializer(fresh("minus_one"), ir.ArrayTensor(np.array([-1], np.int64)))
+            lead = ir.Node("", "Slice", [shape.outputs[0], starts, ends], outputs=[ir.Value(fresh(f"{out.name}_lead"))])
+            width = graph.add_initializer(fresh(f"{kept.name}_cols"), ir.ArrayTensor(np.array([rows], np.int64)))
+            concat = ir.Node("", "Concat", [lead.outputs[0], width], attributes={"axis": 0},
+                             outputs=[ir.Value(fresh(f"{out.name}_shape"))])
+            new_nodes += [shape, lead, concat]
+            target = concat.outputs[0]
+        back = ir.Node("", "Reshape", [gemm.outputs[0], target], outputs=[ir.Value(fresh(out.name), out.type)])
+        new_nodes.append(back)
+        result = back.outputs[0]
+    for new in new_nodes:
+        new.meta["created_by"] = "dedup-transposed-initializers"
+        graph.insert_before(reader, new)
+    out.replace_all_uses_with(result, rename_graph_outputs=True)
+    graph.remove(reader, force=True)
+    if not result.is_graph_output():
+        old_name = out.name
+        out.name = fresh(old_name + "_old")
+        result.name = old_name

@@ -39,7 +39,7 @@ class EliminateIdentity(Pass):
 
     name = "eliminate-identity"
     opt_level = 1
-    preserves = frozenset({"topo-sorted"})
+    preserves = frozenset({"topo-sorted", "shapes-inferred"})
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Remove every removable ``Identity`` of every graph."""

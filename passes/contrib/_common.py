@@ -18,7 +18,7 @@ from graphopt.passes.contrib.capabilities import CONTRIB_DOMAIN, provider_suppor
 
 __all__ = ["CONTRIB_DOMAIN", "kernel_reason", "float32_reason", "scalar_constant", "static_rank",
            "same_dim", "same_shape_reason", "last_dim", "vector_constant_reason", "dims_text",
-           "contrib_attr"]
+           "contrib_attr", "constant_shape"]
 
 #: The element types the fusions rewrite (kernel support is then checked per target).
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -53,6 +53,31 @@ def static_rank(value: ir.Value) -> int | None:
     """The rank of ``value`` when its shape is known (dims may be symbolic)."""
     shape = value.shape
     return None if shape is None else shape.rank
+
+
+def constant_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of the array :func:`constant_value` would return for ``value``, without decoding it.
+
+    Rule checks often ask only "is this constant 2-D?"; decoding a 9 MB weight to answer costs
+    milliseconds, and such checks run thousands of times per model.
+
+    Example:
+        >>> constant_shape(graph.initializers["w"])  # doctest: +SKIP
+        (768, 768)
+    """
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is not None:
+        return tuple(tensor.shape) if isinstance(tensor, ir.Tensor) and not value.is_graph_input() else None
+    node = value.producer
+    if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        attr = node.attributes.get("value")
+        if attr is not None and not attr.ref_attr_name and isinstance(attr.value, ir.Tensor) \
+                and len(node.attributes) == 1:
+            return tuple(attr.value.shape)
+    array = constant_value(value)  # other Constant forms hold a few numbers
+    return None if array is None else tuple(array.shape)
 
 
 def scalar_constant(value: ir.Value, rank: int | None) -> float | None:

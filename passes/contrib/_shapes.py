@@ -21,7 +21,7 @@ from typing import Sequence, Union
 from graphopt import ir
 from graphopt.rewrite import constant_value
 
-from graphopt.passes.contrib._common import same_dim, static_rank
+from graphopt.passes.contrib._common import constant_shape, same_dim, static_rank
 
 __all__ = ["DimRef", "Element", "shape_elements", "scalar_element", "dim_origin", "same_dim_ref", "DimLabels",
            "head_sizes", "same_shape"]
@@ -53,10 +53,20 @@ def _is_default(node: ir.Node) -> bool:
 
 
 def _ints(value: ir.Value | None) -> list[int] | None:
+    shape = constant_shape(value)
+    if shape is None or len(shape) > 1:
+        return None  # not a constant, or a weight: answered without decoding it
     array = constant_value(value)
     if array is None or array.dtype.kind not in "iu" or array.ndim > 1:
         return None
     return [int(v) for v in array.reshape(-1)]
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _axes(node: ir.Node) -> list[int] | None:
@@ -121,7 +131,10 @@ def scalar_element(value: ir.Value | None, depth: int = 0) -> Element | None:
     """A 0-D (or one-element) int tensor read as an element: a number or a dim reference."""
     if value is None or depth > _MAX_DEPTH:
         return None
-    array = constant_value(value)
+    shape = constant_shape(value)
+    if shape is not None and _count(shape) != 1:
+        return None  # a constant of several elements (never decoded: it may be a weight)
+    array = constant_value(value) if shape is not None else None
     if array is not None:
         return int(array.reshape(-1)[0]) if array.size == 1 and array.dtype.kind in "iu" else None
     node = value.producer
@@ -226,8 +239,8 @@ def _broadcast_origin(node: ir.Node, axis: int, rank: int, memo: dict[tuple[int,
     for value in node.inputs:
         if value is None:
             return None
-        array = constant_value(value)
-        if array is not None and array.ndim <= rank - axis - 1:
+        shape = constant_shape(value)
+        if shape is not None and len(shape) <= rank - axis - 1:
             continue
         if static_rank(value) != rank:
             return None
@@ -275,8 +288,8 @@ def _kept_from(node: ir.Node, value: ir.Value, axis: int, rank: int) -> ir.Value
     if op in _SHAPE_KEEPING_UNARY and value.index == 0:
         return first if static_rank(first) == rank else None
     if op == "MatMul" and axis < rank - 1:
-        weight = constant_value(node.inputs[1])
-        return first if weight is not None and weight.ndim == 2 and static_rank(first) == rank else None
+        weight = constant_shape(node.inputs[1])
+        return first if weight is not None and len(weight) == 2 and static_rank(first) == rank else None
     if op == "Split":
         split_axis = int(node.attr("axis", 0))
         split_axis = split_axis + rank if split_axis < 0 else split_axis
@@ -335,16 +348,19 @@ class DimLabels:
     Args:
         labels: ``{value: ("B", "S", "H")}``: the dims each known tensor has, by name.
         sizes: the static size of a name when known (``{"N": 12, "D": 64, "H": 768}``).
+        memo: dim origins already walked in the same, unchanged graph (see :func:`dim_origin`),
+            shared with the caller's other proofs about the same match.
 
     Example:
         >>> labels = DimLabels({q: ("B", "S", "H")}, {"N": 12, "D": 64, "H": 768})  # doctest: +SKIP
         >>> labels.reshape_reason(q_reshape, ("B", "S", "H"), ("B", "S", "N", "D"))   # doctest: +SKIP
     """
 
-    def __init__(self, labels: dict[ir.Value, tuple[str, ...]], sizes: dict[str, int]) -> None:
+    def __init__(self, labels: dict[ir.Value, tuple[str, ...]], sizes: dict[str, int],
+                 memo: dict[tuple[int, int], DimRef] | None = None) -> None:
         self.labels = labels
         self.sizes = sizes
-        self._memo: dict[tuple[int, int], DimRef] = {}
+        self._memo: dict[tuple[int, int], DimRef] = {} if memo is None else memo
 
     def is_dim(self, ref: DimRef, name: str) -> bool:
         """True when the dim ``ref`` points at is provably the dim called ``name``."""

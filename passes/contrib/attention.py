@@ -63,6 +63,7 @@ Must not fire when:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -73,9 +74,9 @@ from graphopt import ir
 from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet, constant_value
 
 from graphopt.passes.contrib._common import CONTRIB_DOMAIN, kernel_reason, same_dim, scalar_constant, static_rank
-from graphopt.passes.contrib._shapes import DimLabels, head_sizes, same_dim_ref, shape_elements
+from graphopt.passes.contrib._shapes import DimLabels, DimRef, head_sizes, same_dim_ref, shape_elements
 
-__all__ = ["ContribAttention", "ATTENTION_RULES", "SCALE_FORMS", "MASK_FORMS"]
+__all__ = ["ContribAttention", "ATTENTION_RULES", "attention_rules", "SCALE_FORMS", "MASK_FORMS"]
 
 #: How the scale is applied.
 SCALE_FORMS = ("div", "mul", "prescale-qk", "prescale-q", "none")
@@ -205,13 +206,14 @@ def _mask_reason(mask: ir.Value, q: ir.Value) -> str | None:
     return None
 
 
-def _dims(q: ir.Value, k: ir.Value, v: ir.Value, heads: tuple[int, int]) -> DimLabels:
+def _dims(q: ir.Value, k: ir.Value, v: ir.Value, heads: tuple[int, int],
+          memo: dict[tuple[int, int], DimRef] | None = None) -> DimLabels:
     """Names of the dims of q, k, v (checked to be ``[B, S, H]``, ``[B, L, H]``, ``[B, L, H]``)."""
     sizes = {"N": heads[0], "D": heads[1], "H": heads[0] * heads[1]}
     for name, dim in (("B", q.shape.dims[0]), ("S", q.shape.dims[1]), ("L", k.shape.dims[1])):
         if isinstance(dim, int):
             sizes[name] = dim
-    return DimLabels({q: ("B", "S", "H"), k: ("B", "L", "H"), v: ("B", "L", "H")}, sizes)
+    return DimLabels({q: ("B", "S", "H"), k: ("B", "L", "H"), v: ("B", "L", "H")}, sizes, memo)
 
 
 def _structure_reason(b: dict[str, Any], reshape: bool) -> tuple[int, int] | str:
@@ -228,9 +230,14 @@ def _structure_reason(b: dict[str, Any], reshape: bool) -> tuple[int, int] | str
         split.append(heads)
     if len(set(split)) != 1:
         return f"q, k and v are split into different heads: {split}"
-    if not (same_dim_ref((k, 0), (q, 0)) and same_dim_ref((v, 0), (q, 0)) and same_dim_ref((v, 1), (k, 1))):
+    # One memo for every proof about this match: each walks back from q, k or v through the
+    # layers before it, and the walks share nearly all of their way. (The check and the rewrite
+    # both call this function on the same graph, so they reach the same answer.)
+    memo: dict[tuple[int, int], DimRef] = {}
+    if not (same_dim_ref((k, 0), (q, 0), memo) and same_dim_ref((v, 0), (q, 0), memo)
+            and same_dim_ref((v, 1), (k, 1), memo)):
         return "q, k and v do not provably share the batch size, or k and v the sequence length"
-    dims = _dims(q, k, v, split[0])
+    dims = _dims(q, k, v, split[0], memo)
     checks = [(b["q_reshape"], ("B", "S", "H"), ("B", "S", "N", "D")),
               (b["k_reshape"], ("B", "L", "H"), ("B", "L", "N", "D")),
               (b["v_reshape"], ("B", "L", "H"), ("B", "L", "N", "D"))]
@@ -457,9 +464,22 @@ def _rules() -> RuleSet:
     return RuleSet(rules)
 
 
-#: The rules of :class:`ContribAttention`: ``mha-<scale form>-<mask form>[-reshaped]`` and the
-#: normalizations ``attention-*`` that turn other spellings into the one the ``mha`` rules match.
-ATTENTION_RULES = _rules()
+@functools.cache
+def attention_rules() -> RuleSet:
+    """The rules of :class:`ContribAttention`: ``mha-<scale form>-<mask form>[-reshaped][-guarded]``
+    and the normalizations ``attention-*`` that turn other spellings into the one the ``mha``
+    rules match.
+
+    Built on first use, not at import: compiling the 80 patterns takes a tenth of a second,
+    which every ``graphopt`` command would pay even when no attention pass runs.
+    """
+    return _rules()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ATTENTION_RULES":  # built lazily (see ``attention_rules``)
+        return attention_rules()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ContribAttention(RewritePass):
@@ -474,4 +494,11 @@ class ContribAttention(RewritePass):
     opt_level = 3
     requires = frozenset({"shapes-inferred"})
     preserves = frozenset({"topo-sorted"})
-    rules = ATTENTION_RULES
+    description = ("Fuse exported multi-head attention blocks into com.microsoft MultiHeadAttention "
+                   "(rules mha-<scale>-<mask>[-reshaped][-guarded], attention-key-transposes, "
+                   "attention-key-flat-transpose).")
+
+    @classmethod
+    def rule_set(cls) -> RuleSet:
+        """The attention rules (see :func:`attention_rules`), or a subclass's own ``rules``."""
+        return super().rule_set() if cls.rules else attention_rules()

@@ -137,6 +137,8 @@ class SymbolicValues:
     # -- producers of shape values ---------------------------------------------------------------
     def _op_Shape(self, node: ir.Node) -> Optional[SymValue]:
         shape = self._shape_of(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+        if shape is None and node.inputs and node.inputs[0] is not None:
+            shape = _structural_shape(node.inputs[0])
         if shape is None:
             return None
         rank = shape.rank
@@ -274,6 +276,35 @@ class SymbolicValues:
                         scalar=a.scalar and b.scalar)
 
     _op_Add = _op_Sub = _op_Mul = _op_Div = _elementwise
+
+
+#: Ops whose output has the shape of their first input (the other inputs, if any, are scalars).
+_SAME_SHAPE_UNARY = frozenset({"Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Identity",
+                               "LeakyRelu", "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus", "Softsign",
+                               "Mish", "Gelu", "Celu", "ThresholdedRelu", "Reciprocal", "Floor", "Ceil", "Sign",
+                               "Sin", "Cos", "Not", "IsNaN", "Round", "Cast"})
+
+
+def _structural_shape(value: ir.Value) -> Optional[ir.Shape]:
+    """What an operator's definition alone says about its output's shape, when inference said nothing.
+
+    ``Conv``: the output has the weight's rank and ``W.shape[0]`` channels on axis 1, whatever
+    the input (an input of another rank is an error at run time), e.g. ``[?, M, ?]`` for a 1-D
+    convolution. Other dims stay unknown. Unary elementwise ops after it keep that shape.
+    """
+    node = value.producer
+    while node is not None and _is_default(node) and node.op_type in _SAME_SHAPE_UNARY and node.inputs \
+            and node.inputs[0] is not None:
+        node = node.inputs[0].producer  # these ops keep the shape of their only tensor input
+    if node is None or not _is_default(node) or node.op_type != "Conv" or len(node.inputs) < 2:
+        return None
+    weight = node.inputs[1]
+    if weight is None or not weight.is_constant() or not isinstance(weight.const_value, ir.Tensor):
+        return None
+    dims = weight.const_value.shape
+    if len(dims) < 3:
+        return None
+    return ir.Shape([None, int(dims[0])] + [None] * (len(dims) - 2))
 
 
 def _dim(d: ir.Dim) -> ir.Dim:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import onnx
 
 from graphopt import ir
 from graphopt.analysis import SHAPE_OPS, GraphCost, PartitionPlan, peak_activation_bytes
@@ -156,15 +157,48 @@ def resolve_partitions(cost: GraphCost, plan: PartitionPlan) -> list[EmittedPart
     received = {r for e in resolved for r in e.received}
     for entry in resolved:
         entry.outputs = [w for w in entry.outputs if w in graph_outputs or w in received]
-    return [e for e in resolved if e.outputs]
+    kept = [e for e in resolved if e.outputs]
+    # Graph outputs no node writes (an initializer named as an output) come from the last partition.
+    produced = {w for e in kept for w in e.outputs}
+    constant_outputs = [n for n in cost.graph_outputs
+                        if n not in produced and n not in graph_inputs and n not in cost.producer]
+    if constant_outputs and kept:
+        kept[-1].outputs.extend(dict.fromkeys(constant_outputs))
+    return kept
 
 
-def _tensor_type(cost: GraphCost, name: str) -> ir.TensorType:
+def _weightless(tensor: ir.Tensor) -> onnx.TensorProto:
+    """Tensors as typed stubs without data: inference of value types needs no weight bytes."""
+    if tensor.nbytes <= 4096 and not tensor.is_external():
+        return tensor.to_proto()
+    return onnx.TensorProto(name=tensor.name, data_type=tensor.dtype, dims=list(tensor.shape))
+
+
+def _inferred_types(model: ir.Model) -> dict[str, onnx.TypeProto]:
+    """Types onnx shape inference gives the main graph's values (sequences and maps included)."""
+    proto = ir.to_proto_with(model, _weightless)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types; unknown stays unknown
+        logger.debug("partition: shape inference for value types failed (%s)", exc)
+    g = proto.graph
+    return {v.name: v.type for v in [*g.input, *g.value_info, *g.output]}
+
+
+def _value_type(cost: GraphCost, model: ir.Model, name: str,
+                inferred: dict[str, onnx.TypeProto]) -> ir.TensorType | ir.OtherType:
+    """The type a value crossing partitions is declared with; ``inferred`` caches the non-tensor
+    types (filled on first need)."""
     elem, shape = cost.value_types.get(name, (0, None))
-    if not elem:
-        raise EmitError(f"the element type of '{name}' is unknown, so it cannot become a partition "
-                        "input or output; run shape inference on the model first (graphopt optimize)")
-    return ir.TensorType(elem, None if shape is None else ir.Shape(list(shape)))
+    if elem:
+        return ir.TensorType(elem, None if shape is None else ir.Shape(list(shape)))
+    if not inferred:
+        inferred.update(_inferred_types(model))
+    proto = inferred.get(name)
+    if proto is not None and proto.WhichOneof("value") not in (None, "tensor_type"):
+        return ir.OtherType(proto)  # a sequence, optional or map crossing partitions
+    raise EmitError(f"the element type of '{name}' is unknown, so it cannot become a partition "
+                    "input or output; run shape inference on the model first (graphopt optimize)")
 
 
 def _tensor_spec(cost: GraphCost, name: str) -> TensorSpec:
@@ -182,16 +216,20 @@ def _cut_out(model: ir.Model, cost: GraphCost, entry: EmittedPartition) -> ir.Mo
                         f"{len(cost)}); partition a saved copy")
     keep = set(entry.nodes)
     by_name = {v.name: v for i in entry.nodes for v in nodes[i].outputs}
-    g.outputs[:] = [by_name[name] for name in entry.outputs]
+    inferred: dict[str, onnx.TypeProto] = {}
+    g.outputs[:] = [by_name[name] if name in by_name else g.initializers[name] for name in entry.outputs]
     for name in entry.outputs:
+        if name not in by_name:
+            continue
         v = by_name[name]
         if v.type is None or v.shape is None:
-            v.type = _tensor_type(cost, name)
+            v.type = _value_type(cost, model, name, inferred)
     received: list[ir.Value] = []
     for name in entry.received:
         old = nodes[cost.producer[name]].outputs[[v.name for v in nodes[cost.producer[name]].outputs].index(name)]
+        value_type = _value_type(cost, model, name, inferred)  # before the rename below
         old.name = model.unique_name(name + "__sent")
-        new = g.add_input(name, _tensor_type(cost, name))
+        new = g.add_input(name, value_type)
         old.replace_all_uses_with(new)
         received.append(new)
     for i in range(len(nodes) - 1, -1, -1):

@@ -171,21 +171,29 @@ def _symbolic_dims(t: onnx.TypeProto) -> tuple[Dim, ...] | None:
     return tuple(dims)
 
 
-def _light_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with its large initializers listed as typed graph inputs instead (inference
-    needs their types only; shape constants stay)."""
+def _stub_large(tensor: ir.Tensor) -> onnx.TensorProto:
+    """Small tensors with their data (shape constants); larger ones as typed stubs."""
+    if not tensor.is_external() and tensor.nbytes <= _LIGHT_BYTES:
+        return tensor.to_proto()
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.dtype, dims=list(tensor.shape))
+    stub.data_location = onnx.TensorProto.EXTERNAL  # marks a stub: listed as a typed input below
+    return stub
+
+
+def _shape_skeleton(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as a proto for shape inference without copying weight bytes: initializers over
+    ``_LIGHT_BYTES`` become typed graph inputs (inference needs their types only)."""
+    proto = ir.to_proto_with(model, _stub_large)
     g = proto.graph
-    light = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import,
-                            functions=proto.functions)
-    light.graph.CopyFrom(onnx.GraphProto(name=g.name, node=g.node, input=g.input, output=g.output,
-                                         value_info=g.value_info, sparse_initializer=g.sparse_initializer))
+    stubs = [t for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL and not t.external_data]
+    kept = [t for t in g.initializer if not (t.data_location == onnx.TensorProto.EXTERNAL and not t.external_data)]
     declared = {i.name for i in g.input}
-    for init in g.initializer:
-        if init.ByteSize() <= _LIGHT_BYTES:
-            light.graph.initializer.append(init)
-        elif init.name not in declared:
-            light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    return light
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    for t in stubs:
+        if t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return proto
 
 
 def static_shapes(model: ir.Model) -> dict[str, tuple[Dim, ...]]:
@@ -193,12 +201,10 @@ def static_shapes(model: ir.Model) -> dict[str, tuple[Dim, ...]]:
 
     Dims are ints, symbolic names, or ``None`` when unknown.
     """
-    proto = ir.to_proto(model)
-    shapes: dict[str, tuple[Dim, ...]] = {}
-    g = proto.graph
-    for init in g.initializer:
-        shapes[init.name] = tuple(int(d) for d in init.dims)
-    proto = _light_proto(proto)
+    shapes: dict[str, tuple[Dim, ...]] = {
+        name: tuple(int(d) for d in v.const_value.shape)
+        for name, v in model.graph.initializers.items() if v.const_value is not None}
+    proto = _shape_skeleton(model)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - onnx raises several types; known shapes still count
@@ -264,7 +270,8 @@ class _Analyzer:
         self.slot_axis: list[int] = []
         self.slot_base: list[int] = []
         self.slot_parent: list[int] = []
-        self.elem_parent: list[int] = []
+        self.num_elements = 0
+        self.element_ties: list[np.ndarray] = []  # k×2 arrays of tied element ids
         self.reasons: dict[int, list[str]] = {}
         self.heads: set[int] = set()
         self.visited: set[tuple[int, int]] = set()
@@ -323,14 +330,14 @@ class _Analyzer:
         self.slot_of[key] = sid
         self.slot_value.append(value)
         self.slot_axis.append(axis)
-        self.slot_base.append(len(self.elem_parent))
+        self.slot_base.append(self.num_elements)
         self.slot_parent.append(sid)
-        self.elem_parent.extend(range(len(self.elem_parent), len(self.elem_parent) + size))
+        self.num_elements += size
         self.queue.append(sid)
         return sid
 
     def size(self, sid: int) -> int:
-        end = self.slot_base[sid + 1] if sid + 1 < len(self.slot_base) else len(self.elem_parent)
+        end = self.slot_base[sid + 1] if sid + 1 < len(self.slot_base) else self.num_elements
         return end - self.slot_base[sid]
 
     def tie(self, sid: int, value: ir.Value | None, axis: int, pairs: np.ndarray | None = None) -> None:
@@ -348,9 +355,8 @@ class _Analyzer:
                 raise _Block(f"'{self.slot_value[sid].name}' and '{value.name}' have different channel "
                              f"counts ({n} vs {m})")
             pairs = np.stack([np.arange(n), np.arange(n)], axis=1)
-        a0, b0 = self.slot_base[sid], self.slot_base[other]
-        for i, j in pairs.tolist():
-            self._union(self.elem_parent, a0 + int(i), b0 + int(j))
+        offsets = np.array([self.slot_base[sid], self.slot_base[other]], dtype=np.int64)
+        self.element_ties.append(np.asarray(pairs, dtype=np.int64).reshape(-1, 2) + offsets)
 
     def block(self, sid: int, reason: str) -> None:
         reasons = self.reasons.setdefault(sid, [])
@@ -425,16 +431,24 @@ class _Analyzer:
         members: dict[int, list[int]] = {}
         for sid in range(len(self.slot_value)):
             members.setdefault(self._find(self.slot_parent, sid), []).append(sid)
+        labels = _components(self.num_elements, self.element_ties)
         groups: list[ChannelGroup] = []
         for root in sorted(members):
             sids = members[root]
-            class_ids: dict[int, int] = {}
+            # element classes numbered in order of first appearance, slot after slot
+            roots = np.concatenate([labels[self.slot_base[sid]:self.slot_base[sid] + self.size(sid)]
+                                    for sid in sids])
+            _, first, inverse = np.unique(roots, return_index=True, return_inverse=True)
+            rank = np.empty(len(first), dtype=np.int64)
+            rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+            all_classes = rank[inverse.reshape(-1)]
+            num_classes = len(first)
             slots: list[GroupSlot] = []
             reasons: list[str] = []
+            start = 0
             for sid in sids:
-                base, n = self.slot_base[sid], self.size(sid)
-                roots = [self._find(self.elem_parent, base + i) for i in range(n)]
-                classes = np.array([class_ids.setdefault(r, len(class_ids)) for r in roots], dtype=np.int64)
+                n = self.size(sid)
+                classes, start = all_classes[start:start + n], start + n
                 value = self.slot_value[sid]
                 slots.append(GroupSlot(value.name, self.slot_axis[sid], n, classes,
                                        constant=value.const_value is not None))
@@ -445,8 +459,36 @@ class _Analyzer:
                              for n, index in self.slot_value[sid].uses()
                              if index == 1 and n.op_type in WEIGHTED_OPS and _is_weight(self.slot_value[sid])})
             kind = "heads" if any(sid in self.heads for sid in sids) else "channels"
-            groups.append(ChannelGroup(len(groups), slots, len(class_ids), reasons, kind, layers))
+            groups.append(ChannelGroup(len(groups), slots, num_classes, reasons, kind, layers))
         return groups
+
+
+def _components(count: int, ties: list[np.ndarray]) -> np.ndarray:
+    """Connected components of ``count`` elements under the tied pairs: for each element, the
+    smallest element of its component.
+
+    Vectorized union-find (hooking roots onto the smaller label, then pointer jumping), so a
+    Flatten into a 25088-wide Gemm costs array operations, not Python loops over elements.
+    """
+    labels = np.arange(count, dtype=np.int64)
+    if not ties:
+        return labels
+    edges = np.concatenate(ties)
+    a, b = edges[:, 0], edges[:, 1]
+    while True:
+        la, lb = labels[a], labels[b]
+        low = np.minimum(la, lb)
+        hooked = labels.copy()
+        np.minimum.at(hooked, la, low)
+        np.minimum.at(hooked, lb, low)
+        while True:  # pointer jumping until every label is a root
+            jumped = hooked[hooked]
+            if np.array_equal(jumped, hooked):
+                break
+            hooked = jumped
+        if np.array_equal(hooked, labels):
+            return labels
+        labels = hooked
 
 
 # -- rules ------------------------------------------------------------------------------------------
@@ -850,42 +892,31 @@ def _rule_pad(an: _Analyzer, sid: int, node: ir.Node, port: tuple[str, int], axi
     an.tie(sid, node.outputs[0] if side == "in" else node.inputs[0], axis)
 
 
-def _rule_conv(an: _Analyzer, sid: int, node: ir.Node, port: tuple[str, int], axis: int) -> None:
+def _conv_ties(an: _Analyzer, sid: int, node: ir.Node, port: tuple[str, int], axis: int,
+               w_in: int, w_out: int, pairs: np.ndarray | None = None) -> None:
+    """Ties of a convolution whose weight holds input channels on ``w_in`` and output channels
+    on ``w_out``; ``pairs`` (input channel, output channel) when groups tie them."""
     side, index = port
     x, w = node.inputs[0], node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
     y = node.outputs[0]
-    group = int(node.attr("group", 1))
-    sw = an.shape(w)
-    if sw is None or not all(isinstance(d, int) for d in sw[:2]):
-        raise _Block(f"Conv '{node.name}' has a weight of unknown shape")
-    m, k_in = int(sw[0]), int(sw[1])
-    k_out = m // group
-    if group > 1:
-        an.note_rewrite("group", node)
-    cin = k_in * group
-
-    def grouped_pairs() -> np.ndarray:  # input channel c <-> every output channel of its group
-        c = np.repeat(np.arange(cin), k_out)
-        j = (c // k_in) * k_out + np.tile(np.arange(k_out), cin)
-        return np.stack([c, j], axis=1)
-
+    op = node.op_type
     if side == "in" and index == 0:
         if axis == 0:
             an.tie(sid, y, 0)
         elif axis != 1:
-            raise _Block(f"Conv '{node.name}' convolves over the channel axis")
-        elif group == 1:
-            an.tie(sid, w, 1)
+            raise _Block(f"{op} '{node.name}' convolves over the channel axis")
+        elif pairs is None:
+            an.tie(sid, w, w_in)
         else:
-            an.tie(sid, y, 1, grouped_pairs())
+            an.tie(sid, y, 1, pairs)
     elif side == "in" and index == 1:
-        if axis == 0:
+        if axis == w_out:
             an.tie(sid, y, 1)
-        elif axis == 1 and group == 1:
+        elif axis == w_in and pairs is None:
             an.tie(sid, x, 1)
         else:
-            raise _Block(f"Conv '{node.name}': the weight is sliced along a kernel axis")
+            raise _Block(f"{op} '{node.name}': the weight is sliced along a kernel axis")
     elif side == "in" and index == 2:
         an.tie(sid, y, 1)
     else:
@@ -893,48 +924,35 @@ def _rule_conv(an: _Analyzer, sid: int, node: ir.Node, port: tuple[str, int], ax
             an.tie(sid, x, 0)
             return
         if axis != 1:
-            raise _Block(f"Conv '{node.name}' output sliced along a spatial axis")
-        an.tie(sid, w, 0)
+            raise _Block(f"{op} '{node.name}' output sliced along a spatial axis")
+        an.tie(sid, w, w_out)
         if b is not None:
             an.tie(sid, b, 0)
-        if group > 1:
-            an.tie(sid, x, 1, grouped_pairs()[:, ::-1])
+        if pairs is not None:
+            an.tie(sid, x, 1, pairs[:, ::-1])
+
+
+def _rule_conv(an: _Analyzer, sid: int, node: ir.Node, port: tuple[str, int], axis: int) -> None:
+    group = int(node.attr("group", 1))
+    sw = an.shape(node.inputs[1])
+    if sw is None or not all(isinstance(d, int) for d in sw[:2]):
+        raise _Block(f"Conv '{node.name}' has a weight of unknown shape")
+    m, k_in = int(sw[0]), int(sw[1])
+    k_out = m // group
+    pairs = None
+    if group > 1:  # input channel c <-> every output channel of its group
+        an.note_rewrite("group", node)
+        c = np.repeat(np.arange(k_in * group), k_out)
+        pairs = np.stack([c, (c // k_in) * k_out + np.tile(np.arange(k_out), k_in * group)], axis=1)
+    _conv_ties(an, sid, node, port, axis, w_in=1, w_out=0, pairs=pairs)
 
 
 def _rule_conv_transpose(an: _Analyzer, sid: int, node: ir.Node, port: tuple[str, int], axis: int) -> None:
-    side, index = port
     if int(node.attr("group", 1)) != 1:
         raise _Block(f"grouped ConvTranspose '{node.name}' is not pruned")
     if node.attr("output_shape", None) is not None:
         raise _Block(f"ConvTranspose '{node.name}' has an explicit output_shape")
-    x, w = node.inputs[0], node.inputs[1]
-    b = node.inputs[2] if len(node.inputs) > 2 else None
-    y = node.outputs[0]
-    if side == "in" and index == 0:
-        if axis == 0:
-            an.tie(sid, y, 0)
-        elif axis == 1:
-            an.tie(sid, w, 0)
-        else:
-            raise _Block(f"ConvTranspose '{node.name}' convolves over the channel axis")
-    elif side == "in" and index == 1:
-        if axis == 0:
-            an.tie(sid, x, 1)
-        elif axis == 1:
-            an.tie(sid, y, 1)
-        else:
-            raise _Block(f"ConvTranspose '{node.name}': the weight is sliced along a kernel axis")
-    elif side == "in" and index == 2:
-        an.tie(sid, y, 1)
-    else:
-        if axis == 0:
-            an.tie(sid, x, 0)
-            return
-        if axis != 1:
-            raise _Block(f"ConvTranspose '{node.name}' output sliced along a spatial axis")
-        an.tie(sid, w, 1)
-        if b is not None:
-            an.tie(sid, b, 0)
+    _conv_ties(an, sid, node, port, axis, w_in=0, w_out=1)
 
 
 def _rule_matmul(an: _Analyzer, sid: int, node: ir.Node, port: tuple[str, int], axis: int) -> None:

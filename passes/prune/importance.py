@@ -24,11 +24,23 @@ logger = logging.getLogger(__name__)
 CRITERIA = ("l1", "l2", "bn-gamma")
 
 
+#: Elements of a weight scored at a time: a large weight (VGG's 400 MB fc6) is read in blocks
+#: instead of being copied whole into temporaries.
+_BLOCK_ELEMENTS = 1 << 22
+
+
 def _weight_scores(array: np.ndarray, axis: int, criterion: str) -> np.ndarray:
     others = tuple(a for a in range(array.ndim) if a != axis)
-    if criterion == "l2":
-        return np.sqrt(np.square(array).sum(axis=others, dtype=np.float64))
-    return np.abs(array).sum(axis=others, dtype=np.float64)
+    scores = np.zeros(array.shape[axis], dtype=np.float64)
+    step = max(1, _BLOCK_ELEMENTS // max(1, array[0].size))
+    for start in range(0, array.shape[0], step):
+        block = array[start:start + step]
+        part = (np.square(block) if criterion == "l2" else np.abs(block)).sum(axis=others, dtype=np.float64)
+        if axis == 0:
+            scores[start:start + len(block)] = part
+        else:
+            scores += part
+    return np.sqrt(scores) if criterion == "l2" else scores
 
 
 def _is_weight(value: ir.Value) -> bool:

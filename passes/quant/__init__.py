@@ -1,21 +1,16 @@
-"""Built-in quant passes."""
+"""Built-in quant passes: static QDQ (calibrate, smooth-quant, insert-qdq), dynamic int8, int4, float16."""
 
 from __future__ import annotations
 
+from graphopt.passes.quant.calibration import Calibrate
+from graphopt.passes.quant.dynamic import QuantizeDynamic
+from graphopt.passes.quant.float16 import ConvertFloat16
+from graphopt.passes.quant.insert_qdq import InsertQdq
+from graphopt.passes.quant.int4 import QuantizeInt4
+from graphopt.passes.quant.smoothquant import SmoothQuant
+
 from graphopt.pipeline import Pass
 
-PASSES: list[type[Pass]] = []
+PASSES: list[type[Pass]] = [QuantizeDynamic, QuantizeInt4, ConvertFloat16, Calibrate, SmoothQuant, InsertQdq]
 
 __all__ = ["PASSES"]
-
-from graphopt.passes.quant.dynamic import QuantizeDynamic  # noqa: E402
-from graphopt.passes.quant.float16 import ConvertFloat16  # noqa: E402
-from graphopt.passes.quant.int4 import QuantizeInt4  # noqa: E402
-
-PASSES += [QuantizeDynamic, QuantizeInt4, ConvertFloat16]
-
-from graphopt.passes.quant.calibration import Calibrate  # noqa: E402
-from graphopt.passes.quant.insert_qdq import InsertQdq  # noqa: E402
-from graphopt.passes.quant.smoothquant import SmoothQuant  # noqa: E402
-
-PASSES += [Calibrate, SmoothQuant, InsertQdq]

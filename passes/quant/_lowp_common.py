@@ -1,7 +1,7 @@
 """Helpers shared by the weight-quantization and reduced-precision passes.
 
 Weights are read from initializers only (never from graph inputs, which a caller may
-override), new tensors are :class:`ComputedTensor` computed whenever they are read (so a model
+override), new tensors are ``ir.LazyTensor(cache=False)``, computed whenever they are read (so a model
 of several gigabytes never holds every converted weight at once), and replacement nodes take over
 the outputs of the nodes they replace (names, types, ``value_info`` and graph outputs stay).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -23,7 +24,6 @@ from graphopt.runtime import PROVIDERS
 
 __all__ = [
     "CONTRIB_DOMAIN",
-    "ComputedTensor",
     "add_weight",
     "compile_exclude",
     "parse_bool",
@@ -32,8 +32,8 @@ __all__ = [
     "require_opset",
     "session_loads",
     "transfer_outputs",
-    "weight_array",
     "weight_tensor",
+    "whole_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,13 +47,6 @@ def weight_tensor(value: ir.Value | None) -> ir.Tensor | None:
         return None
     tensor = value.const_value
     return tensor if isinstance(tensor, ir.Tensor) else None
-
-
-def weight_array(value: ir.Value) -> np.ndarray:
-    """The array of an initializer (memory-mapped when it lives in external data)."""
-    tensor = weight_tensor(value)
-    assert tensor is not None, f"'{value.name}' is not a constant initializer"
-    return tensor.numpy()
 
 
 def transfer_outputs(old: ir.Node, new_inputs: list[ir.Value | None], *, op_type: str, domain: str = "",
@@ -75,47 +68,22 @@ def transfer_outputs(old: ir.Node, new_inputs: list[ir.Value | None], *, op_type
     return node
 
 
-class ComputedTensor(ir.Tensor):
-    """A tensor computed from another each time it is read, never kept in memory.
-
-    Saving a converted multi-gigabyte model then holds one converted tensor at a time (plus
-    the memory-mapped source), not every converted weight at once.
-    """
-
-    __slots__ = ("_compute", "_dtype", "_shape")
-
-    def __init__(self, compute: Callable[[], np.ndarray], dtype: int, shape: tuple[int, ...], name: str = "") -> None:
-        super().__init__(name)
-        self._compute = compute
-        self._dtype = dtype
-        self._shape = tuple(int(d) for d in shape)
-
-    @property
-    def dtype(self) -> int:  # type: ignore[override]
-        """ONNX element type."""
-        return self._dtype
-
-    @property
-    def shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        """Static shape."""
-        return self._shape
-
-    def numpy(self) -> np.ndarray:
-        """Compute the array (again)."""
-        array = np.asarray(self._compute())
-        assert tuple(array.shape) == self._shape, f"computed {array.shape}, declared {self._shape}"
-        return array
-
-    def to_proto(self, *, with_data: bool = True) -> onnx.TensorProto:
-        """Compute and encode."""
-        return ir.ArrayTensor(self.numpy(), self.name, dtype=self._dtype).to_proto()
-
-
 def add_weight(graph: ir.Graph, model: ir.Model, hint: str, compute: Callable[[], np.ndarray],
                dtype: int, shape: tuple[int, ...]) -> ir.Value:
-    """A new initializer of ``graph`` whose data ``compute()`` yields whenever it is read."""
+    """A new initializer of ``graph`` whose data ``compute()`` yields whenever it is read (never cached)."""
     name = model.unique_name(hint)
-    return graph.add_initializer(name, ComputedTensor(compute, dtype, tuple(int(d) for d in shape)))
+    return graph.add_initializer(name, ir.LazyTensor(compute, dtype, tuple(int(d) for d in shape), cache=False))
+
+
+def whole_weights(weights: list[ir.Value]) -> set[int]:
+    """Ids of the weights that only the candidate readers listed read (one entry per reader).
+
+    A weight also read by another node must keep its float copy, so it is not converted at
+    all. Call it before any rewrite: rewiring the first reader changes the use count.
+    """
+    readers = Counter(id(w) for w in weights)
+    by_id = {id(w): w for w in weights}
+    return {key for key, count in readers.items() if by_id[key].num_uses == count}
 
 
 def remove_if_unused(value: ir.Value) -> bool:

@@ -18,9 +18,11 @@ import numpy as np
 import onnx
 
 __all__ = [
+    "BIAS_CODE_LIMIT",
     "TYPE_RANGES",
     "QParams",
     "activation_qparams",
+    "bias_min_weight_scale",
     "cpu_has_vnni",
     "elem_type_of",
     "quantize_array",
@@ -82,8 +84,14 @@ def activation_qparams(rmin: float, rmax: float, qtype: str) -> QParams:
     return QParams(np.array(scale, dtype=np.float32), np.array(zero_point, dtype=dtype), qtype)
 
 
-def weight_qparams(weight: np.ndarray, qtype: str, axis: int | None, reduce_range: bool) -> QParams:
-    """Symmetric parameters of a weight, per channel along ``axis`` or per tensor (``None``)."""
+def weight_qparams(weight: np.ndarray, qtype: str, axis: int | None, reduce_range: bool,
+                   min_scale: np.ndarray | None = None) -> QParams:
+    """Symmetric parameters of a weight, per channel along ``axis`` or per tensor (``None``).
+
+    ``min_scale`` (per channel, or a scalar) raises scales that would be smaller, e.g. so
+    that the int32 bias ``b / (s_x·s_w)`` of a channel with tiny weights stays in range
+    (see :func:`bias_min_weight_scale`).
+    """
     _, qmax, dtype, _ = TYPE_RANGES[qtype]
     if qtype != "int8":
         raise ValueError("weights are quantized symmetrically to int8")
@@ -94,8 +102,30 @@ def weight_qparams(weight: np.ndarray, qtype: str, axis: int | None, reduce_rang
     else:
         other = tuple(i for i in range(w.ndim) if i != axis)
         absmax = w.max(axis=other) if w.size else np.zeros(w.shape[axis])
-    scale = np.where(absmax > 0, absmax / limit, 1.0).astype(np.float32)
+    scale = np.where(absmax > 0, absmax / limit, 1.0)
+    if min_scale is not None:
+        scale = np.maximum(scale, np.asarray(min_scale, dtype=np.float64))
+    scale = scale.astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, dtype=dtype), qtype, axis)
+
+
+#: Largest int32 bias code allowed: half of the int32 range, leaving the other half to the
+#: sum of products the kernel accumulates on top of it.
+BIAS_CODE_LIMIT = 2**30
+
+
+def bias_min_weight_scale(bias: np.ndarray, input_scale: np.ndarray, per_channel: bool) -> np.ndarray:
+    """The smallest weight scale(s) that keep ``round(b / (s_x·s_w))`` within :data:`BIAS_CODE_LIMIT`.
+
+    A channel whose weights are tiny next to its bias would otherwise get a bias code beyond
+    int32 and be clipped, changing the output by far more than quantization noise.
+
+    Example:
+        >>> float(bias_min_weight_scale(np.array([1.0]), np.array(0.01), False))
+        9.313225746154785e-08
+    """
+    needed = np.abs(bias.astype(np.float64)) / (float(input_scale) * BIAS_CODE_LIMIT)
+    return needed if per_channel else np.array(needed.max() if needed.size else 0.0)
 
 
 def _broadcast(values: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:

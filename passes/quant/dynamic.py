@@ -48,15 +48,24 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 import onnx.helper as oh
+from graphopt.passes.quant._lowp_common import (
+    CONTRIB_DOMAIN,
+    add_weight,
+    compile_exclude,
+    parse_bool,
+    positive_int,
+    remove_if_unused,
+    require_opset,
+    session_loads,
+    transfer_outputs,
+    weight_tensor,
+    whole_weights,
+)
 from onnx import TensorProto
 
 from graphopt import ir
 from graphopt.errors import PipelineError
 from graphopt.pipeline import Pass, PassContext, PassResult
-
-from graphopt.passes.quant._lowp_common import (CONTRIB_DOMAIN, add_weight, compile_exclude, parse_bool,
-                                                positive_int, remove_if_unused, require_opset,
-                                                session_loads, transfer_outputs, weight_tensor)
 
 __all__ = ["QuantizeDynamic", "dynamic_kernel_available", "int8_scale", "quantize_weight_int8"]
 
@@ -149,8 +158,7 @@ class QuantizeDynamic(Pass):
     requires = frozenset({"shapes-inferred"})
     preserves = frozenset({"topo-sorted"})
     options: ClassVar[dict[str, Any]] = {"op_types": "MatMul,Gemm", "per_channel": 1, "exclude": "",
-                                         "min_elements": 4096,
-               "reduce_range": 1}
+                                         "min_elements": 4096, "reduce_range": 1}
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Quantize every eligible node of every graph (weights shared by several nodes once)."""
@@ -172,11 +180,7 @@ class QuantizeDynamic(Pass):
             return PassResult(False, counters)
         for graph in [model.graph, *model.graph.subgraphs()]:
             candidates = [c for n in list(graph) if (c := self._candidate(n, op_types, exclude, min_elements))]
-            by_weight: dict[int, list[_Candidate]] = {}
-            for cand in candidates:
-                by_weight.setdefault(id(cand.weight), []).append(cand)
-            # Decided before any rewrite: rewiring the first reader changes the use count.
-            whole = {key for key, group in by_weight.items() if group[0].weight.num_uses == len(group)}
+            whole = whole_weights([c.weight for c in candidates])
             quantized: dict[tuple[int, bool, float], tuple[ir.Value, ir.Value]] = {}
             for cand in candidates:
                 if id(cand.weight) not in whole:

@@ -45,15 +45,14 @@ import numpy as np
 import onnx
 import onnx.defs
 import onnx.helper as oh
+from graphopt.passes.contrib.capabilities import provider_supports
+from graphopt.passes.quant._lowp_common import CONTRIB_DOMAIN, parse_bool, session_loads
 from onnx import TensorProto
 
 from graphopt import ir
 from graphopt.errors import PipelineError
 from graphopt.pipeline import Pass, PassContext, PassResult
 from graphopt.runtime import max_ir_version
-
-from graphopt.passes.contrib.capabilities import provider_supports
-from graphopt.passes.quant._lowp_common import CONTRIB_DOMAIN, ComputedTensor, parse_bool, session_loads
 
 __all__ = ["DEFAULT_BLOCK_OPS", "FLOAT16_MAX", "ConvertFloat16", "to_low_precision"]
 
@@ -190,6 +189,7 @@ class _Converter:
 
     # -- driver -------------------------------------------------------------------------------
     def run(self) -> dict[str, int]:
+        """Plan every node, rewrite every graph, drop exact Cast pairs; return the counters."""
         graphs = [self.model.graph, *self.model.graph.subgraphs()]
         for graph in graphs:
             for node in graph:
@@ -459,7 +459,8 @@ class _Converter:
         array_check = self._overflows(value)
         if array_check:
             self._warn_clamp(np.asarray(source.numpy(), np.float32), f"initializer '{value.name}'")
-        converted = ComputedTensor(lambda: to_low_precision(source.numpy(), low, clamp), low, tuple(tensor.shape))
+        converted = ir.LazyTensor(lambda: to_low_precision(source.numpy(), low, clamp), low, tuple(tensor.shape),
+                                  cache=False)
         self.counters["converted-initializers"] += 1
         if every_reader_low:
             converted.name = value.name

@@ -28,6 +28,7 @@ import onnx
 from graphopt.passes.quant._qparams import (
     QParams,
     activation_qparams,
+    bias_min_weight_scale,
     cpu_has_vnni,
     elem_type_of,
     quantize_array,
@@ -135,6 +136,7 @@ class _Emitter:
 
     # -- activations -----------------------------------------------------------------------------
     def activation_params(self, name: str, ranges: Any) -> QParams:
+        """Scale and zero point of activation ``name`` (a pass-through output shares its input's)."""
         root = self.plan.root(name)
         if root not in self.params:
             lo, hi = _range_of(ranges, root)
@@ -206,13 +208,28 @@ class _Emitter:
         return out
 
     # -- weights and biases ----------------------------------------------------------------------
-    def quantize_weight(self, unit: NodeUnit) -> QParams:
+    def quantize_weight(self, unit: NodeUnit, input_params: QParams | None = None) -> QParams:
+        """Replace the unit's weight by DQ(int8 weight); return the weight's parameters.
+
+        A Gemm's ``alpha`` is folded into the quantized weight (``alpha`` becomes 1):
+        onnxruntime fuses a Gemm with a bias into QGemm only when ``alpha`` is 1. With a bias,
+        weight scales are raised where the int32 bias would not fit (``input_params`` gives
+        the input scale).
+        """
         node = unit.node
         w = node.inputs[unit.weight]
-        key = (w.name, unit.weight_axis)
+        alpha = float(node.attr("alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+        min_scale = None
+        if unit.bias is not None and input_params is not None:
+            bias = node.inputs[unit.bias].const_value.numpy()
+            min_scale = bias_min_weight_scale(bias, input_params.scale, unit.weight_axis is not None)
+        key = (w.name, unit.weight_axis, alpha, None if min_scale is None else min_scale.tobytes())
         if key not in self.weight_cache:
             array = w.const_value.numpy()
-            params = weight_qparams(array, self.config.weight_type, unit.weight_axis, self.reduce_range)
+            if alpha != 1.0:
+                array = array.astype(np.float64) * alpha
+            params = weight_qparams(array, self.config.weight_type, unit.weight_axis, self.reduce_range,
+                                    min_scale=min_scale)
             q = quantize_array(array, params, limit=63 if self.reduce_range else 127)
             q_init = self._init(f"{w.name}_quantized", q)
             scale = self._init(f"{w.name}_scale", params.scale)
@@ -227,9 +244,12 @@ class _Emitter:
         dq = self._dq_node(q_init, scale, zp, params.axis if params.per_channel else None, w, w.name)
         self.graph.insert_before(node, dq)
         node.replace_input(unit.weight, dq.outputs[0])
+        if alpha != 1.0:
+            node.set_attr("alpha", 1.0)
         return params
 
     def quantize_bias(self, unit: NodeUnit, input_params: QParams, weight_params: QParams) -> None:
+        """Replace the unit's bias by DQ(int32 bias) with scale ``s_x·s_w``."""
         node = unit.node
         b = node.inputs[unit.bias]
         q, scale = quantize_bias(b.const_value.numpy(), input_params.scale, weight_params)
@@ -282,15 +302,18 @@ def insert_qdq(model: ir.Model, ranges: Any, config: PlacementConfig, *, plan: P
         for i in u.activations:
             tensors[u.node.inputs[i].name] = u.node.inputs[i]
         if u.output_required and u.output is not None:
-            tensors[u.output.name] = u.output
-    emitter.written_by_units = {u.output.name for u in units if u.output_required and u.output is not None}
+            for out in (u.output, *u.extra_outputs):
+                tensors[out.name] = out
+    emitter.written_by_units = {out.name for u in units if u.output_required and u.output is not None
+                                for out in (u.output, *u.extra_outputs)}
     # Parameters first (biases need the input scale), then the graph surgery.
     params = {name: emitter.activation_params(name, ranges) for name in tensors}
     for u in units:
         if u.weight is not None:
-            wp = emitter.quantize_weight(u)
+            input_params = params[u.node.inputs[u.activations[0]].name]
+            wp = emitter.quantize_weight(u, input_params)
             if u.bias is not None:
-                emitter.quantize_bias(u, params[u.node.inputs[u.activations[0]].name], wp)
+                emitter.quantize_bias(u, input_params, wp)
         out = u.output if u.output is not None else u.node.outputs[0]
         emission.unit_outputs[u.id] = out.name
         emission.unit_inputs[u.id] = [u.node.inputs[i].name for i in u.activations]

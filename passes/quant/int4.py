@@ -48,15 +48,23 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from graphopt.passes.quant._lowp_common import (
+    CONTRIB_DOMAIN,
+    add_weight,
+    compile_exclude,
+    parse_bool,
+    positive_int,
+    remove_if_unused,
+    require_opset,
+    transfer_outputs,
+    weight_tensor,
+    whole_weights,
+)
 from onnx import TensorProto
 
 from graphopt import ir
 from graphopt.errors import PipelineError
 from graphopt.pipeline import Pass, PassContext, PassResult
-
-from graphopt.passes.quant._lowp_common import (CONTRIB_DOMAIN, add_weight, compile_exclude, parse_bool,
-                                                positive_int, remove_if_unused, require_opset,
-                                                transfer_outputs, weight_tensor)
 
 __all__ = ["BlockQuantized", "QuantizeInt4", "block_params_int4", "dequantize_blockwise", "pack_nibbles",
            "quantize_blockwise_int4"]
@@ -188,8 +196,8 @@ class QuantizeInt4(Pass):
     requires = frozenset({"shapes-inferred"})
     preserves = frozenset({"topo-sorted"})
     options: ClassVar[dict[str, Any]] = {"block_size": 32, "format": "matmulnbits", "symmetric": 1,
-                                         "min_elements": 16384,
-               "method": "rtn", "exclude": "", "calibration": "", "samples": 0, "accuracy_level": -1}
+                                         "min_elements": 16384, "method": "rtn", "exclude": "",
+                                         "calibration": "", "samples": 0, "accuracy_level": -1}
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Quantize every eligible MatMul weight of every graph (a shared weight once)."""
@@ -237,12 +245,7 @@ class QuantizeInt4(Pass):
                     continue
                 assert node.inputs[0] is not None and node.inputs[1] is not None
                 candidates.append(_Candidate(node, node.inputs[0], node.inputs[1]))
-            uses: dict[int, int] = {}
-            for cand in candidates:
-                uses[id(cand.weight)] = uses.get(id(cand.weight), 0) + 1
-            # Decided before any rewrite: rewiring the first reader changes the use count.
-            plans.append((graph, candidates,
-                          {id(c.weight) for c in candidates if c.weight.num_uses == uses[id(c.weight)]}))
+            plans.append((graph, candidates, whole_weights([c.weight for c in candidates])))
         hessians = self._hessians(model, plans, calibration, samples, ctx.seed) if method == "gptq" else {}
         for graph, candidates, whole in plans:
             done: dict[tuple[int, int], list[ir.Value]] = {}

@@ -18,9 +18,11 @@ onnxruntime's CPU provider on x86 (its QDQ selectors and actions):
   ``GlobalAveragePool``/``AveragePool`` → their QLinear forms: only when every input is
   already quantized and the output feeds quantized units, else the boundary conversions cost
   more than the integer kernel saves.
-* ``MaxPool``, ``Reshape``, ``Flatten``, ``Transpose``, ``Squeeze``, ``Unsqueeze``: onnxruntime
-  drops a DQ/Q pair with equal parameters around them; placed (with the input's parameters)
-  only between quantized tensors.
+* ``Sigmoid`` → ``QLinearSigmoid`` (a lookup table): with ``QLinearMul`` a SiLU (``x·σ(x)``)
+  between two convolutions stays integer instead of a DQ, two float ops and a Q.
+* ``MaxPool``, ``Reshape``, ``Flatten``, ``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Resize``,
+  ``Split`` (a Q on every output): onnxruntime drops a DQ/Q pair with equal parameters around
+  them; placed (with the input's parameters) only between quantized tensors.
 * With int8 (S8S8) activations only Conv and Gemm units are placed: onnxruntime rewrites S8
   pairs to U8 before fusing, and a quantized tensor read by several units then stays unfused.
 
@@ -31,9 +33,11 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from graphopt import ir
@@ -44,6 +48,7 @@ __all__ = [
     "DEFAULT_OP_TYPES",
     "ELEMENTWISE_OPS",
     "PASS_THROUGH_OPS",
+    "OVERRIDABLE_WEIGHT",
     "NodeUnit",
     "Placement",
     "PlacementConfig",
@@ -56,9 +61,9 @@ logger = logging.getLogger(__name__)
 #: Ops with weights that become integer matrix kernels.
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 #: Ops with a QLinear contrib kernel on the CPU provider (quantized only between quantized tensors).
-ELEMENTWISE_OPS = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool")
+ELEMENTWISE_OPS = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid")
 #: Ops that onnxruntime runs on integers once the DQ/Q pair around them is dropped.
-PASS_THROUGH_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+PASS_THROUGH_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Split")
 #: What ``op_types=None`` quantizes.
 DEFAULT_OP_TYPES = COMPUTE_OPS + ELEMENTWISE_OPS + PASS_THROUGH_OPS
 
@@ -120,6 +125,8 @@ class NodeUnit:
     output: ir.Value | None = None
     fused_relu: ir.Node | None = None
     output_required: bool = False
+    #: Further outputs written quantized with the parameters of ``output`` (Split).
+    extra_outputs: tuple[ir.Value, ...] = ()
 
     @property
     def op_type(self) -> str:
@@ -163,13 +170,22 @@ def _is_float(v: ir.Value | None) -> bool:
     return v is not None and v.dtype == _FLOAT
 
 
-def _const_array(v: ir.Value | None):
+def _const_array(v: ir.Value | None) -> np.ndarray | None:
     if v is None or not v.is_constant() or v.const_value is None:
         return None
     try:
         return v.const_value.numpy()
     except (GraphoptError, OSError, ValueError):  # an unreadable lazy tensor: not a constant here
         return None
+
+
+#: Why a weight that is an overridable graph input stays float.
+OVERRIDABLE_WEIGHT = ("the weight is also a graph input, which callers may override (models of IR "
+                      "version < 4 list every initializer as an input: drop them from the inputs)")
+
+
+def _overridable(v: ir.Value | None) -> bool:
+    return v is not None and v.is_graph_input() and v.const_value is not None
 
 
 def _matches(patterns: Iterable[str], uid: str) -> bool:
@@ -198,6 +214,8 @@ def _compute_unit(node: ir.Node, uid: str, config: PlacementConfig, per_channel:
         return "not float32"
     if x.is_constant():
         return "its data input is a constant (fold it first)"
+    if len(inputs) > 1 and _overridable(inputs[1]):
+        return OVERRIDABLE_WEIGHT
     if op == "Conv":
         w = _const_array(inputs[1] if len(inputs) > 1 else None)
         if w is None or w.ndim not in (3, 4, 5):
@@ -334,9 +352,10 @@ def plan_placement(model: ir.Model, config: PlacementConfig) -> Placement:
             fused_relus.add(unit.fused_relu)
         for i in unit.activations:
             quantized[node.inputs[i].name] = node.inputs[i]
-        quantized[unit.output.name] = unit.output
-        if unit.kind == "pass-through":
-            plan.shares[unit.output.name] = node.inputs[0].name
+        for out in (unit.output, *unit.extra_outputs):
+            quantized[out.name] = out
+            if unit.kind == "pass-through":
+                plan.shares[out.name] = node.inputs[0].name
 
     # A Gemm/MatMul output gets Q only when a quantized unit reads it (QLinearMatMul, QGemm with
     # integer output); otherwise the float-output kernels fuse without it.
@@ -351,6 +370,10 @@ def plan_placement(model: ir.Model, config: PlacementConfig) -> Placement:
     plan.tensors = quantized
     if not plan.units and not plan.reason:
         plan.reason = "no node unit the target fuses into integer kernels"
+        reasons = Counter(why for _, _, why in plan.skipped)
+        if reasons:
+            why, count = reasons.most_common(1)[0]
+            plan.reason += f" ({count} of {len(plan.skipped)} candidate(s): {why})"
     logger.info("QDQ placement: %d unit(s), %d tensor(s) quantized, %d candidate(s) left float",
                 len(plan.units), len(quantized), len(plan.skipped))
     return plan
@@ -366,16 +389,23 @@ def _between_candidate(node: ir.Node, uid: str, opset: int) -> NodeUnit | None:
     op = node.op_type
     if op == "MaxPool" and opset < 12:
         return None  # integer MaxPool exists from opset 12: earlier, the DQ/Q pair would stay
+    if op == "Resize" and str(node.attr("mode", "nearest")) not in ("nearest", "linear"):
+        # Cubic weights are negative near the taps: results overshoot the input's range, which
+        # the input's parameters would clip (measured 19% of the output range).
+        return None
     out = node.outputs[0]
-    if len(node.outputs) != 1 or not _is_float(out):
+    if (len(node.outputs) != 1 and op != "Split") or not all(_is_float(o) for o in node.outputs):
         return None
     if op in PASS_THROUGH_OPS:
         x = node.inputs[0]
         if not _is_float(x) or x.is_constant():
             return None
-        return NodeUnit(uid, node, "pass-through", (0,), output=out, output_required=True)
+        # Split: onnxruntime runs it on integers when every output has a Q with the input's
+        # parameters, so all outputs are written quantized.
+        return NodeUnit(uid, node, "pass-through", (0,), output=out, output_required=True,
+                        extra_outputs=tuple(node.outputs[1:]))
     activations = tuple(i for i, v in enumerate(node.inputs) if v is not None)
-    if op in ("GlobalAveragePool", "AveragePool"):
+    if op in ("GlobalAveragePool", "AveragePool", "Sigmoid"):
         activations = (0,)
     if op in ("Add", "Mul") and len(activations) != 2:
         return None
@@ -391,7 +421,7 @@ def _between_candidate(node: ir.Node, uid: str, opset: int) -> NodeUnit | None:
 def _quantized_source(value: ir.Value, reader: ir.Node, units: dict[ir.Node, NodeUnit]) -> bool:
     """True when ``value`` gets a Q anyway: a unit writes it quantized or another unit reads it so."""
     for unit in units.values():
-        if unit.output is value and unit.output_required:
+        if unit.output_required and (unit.output is value or value in unit.extra_outputs):
             return True
     return any(user is not reader and _reads_quantized(user, idx, units) for user, idx in value.uses())
 
@@ -399,8 +429,8 @@ def _quantized_source(value: ir.Value, reader: ir.Node, units: dict[ir.Node, Nod
 def _between_ok(unit: NodeUnit, units: dict[ir.Node, NodeUnit]) -> bool:
     """An elementwise/pass-through unit pays off: a quantized unit reads its output and, for
     elementwise units, every input is quantized for another reason already."""
-    out = unit.output
-    if not any(_reads_quantized(user, idx, units) for user, idx in out.uses()):
+    outs = (unit.output, *unit.extra_outputs)
+    if not any(_reads_quantized(user, idx, units) for out in outs for user, idx in out.uses()):
         return False
     if unit.kind == "pass-through":
         return True

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -195,7 +196,7 @@ class SmoothQuant(Pass):
     name = "smooth-quant"
     opt_level = 3
     requires = frozenset({"shapes-inferred"})
-    options = {"alpha": 0.5, "data": "synthetic", "samples": 0}
+    options: ClassVar[dict[str, Any]] = {"alpha": 0.5, "data": "synthetic", "samples": 0}
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Collect per-channel maxima over the data, then rescale every eligible group."""

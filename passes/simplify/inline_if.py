@@ -21,6 +21,11 @@ Must not fire when:
 
 Nested ``If`` nodes are handled at every depth: those moved into the parent are visited in
 turn, and every remaining subgraph (also ``Loop``/``Scan`` bodies and functions) is searched.
+
+Then, where an ``If`` is followed by other ``If`` nodes whose conditions test the shapes of its
+results (exporters emit such chains for ``squeeze(-1)`` and rank checks), the nodes after it move
+into both of its branches, where those conditions become constants for the next round of folding
+(``sink_tails`` option, ``max_tail_nodes`` caps the moved nodes; see ``_sink_tail``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections import deque
 
 from graphopt import ir
 from graphopt.passes.simplify._common import is_default_domain, pinned_outputs, training_names
+from graphopt.passes.simplify._sink_tail import sink_tails
 from graphopt.pipeline import Pass, PassContext, PassResult
 from graphopt.rewrite import constant_value
 
@@ -45,7 +51,13 @@ class _Stop(Exception):
 class InlineConstantIf(Pass):
     """Inline the taken branch of every ``If`` whose condition is a constant, at every depth.
 
-    Counters: ``inlined-ifs`` (``If`` nodes replaced) and ``moved-nodes`` (branch nodes moved out).
+    Counters: ``inlined-ifs`` (``If`` nodes replaced), ``moved-nodes`` (branch nodes moved out)
+    and ``sunk-tails`` (``If`` nodes whose following nodes moved into their branches).
+
+    Options:
+        sink_tails: move the nodes after an ``If`` into its branches when later ``If`` conditions
+            test the shapes of its results (default true).
+        max_tail_nodes: the most nodes such a move may copy (default 256).
 
     Example:
         >>> from graphopt.pipeline import PassContext
@@ -57,20 +69,44 @@ class InlineConstantIf(Pass):
     opt_level = 2
     requires = frozenset({"topo-sorted"})
     preserves = frozenset({"topo-sorted"})
+    options = {"sink_tails": True, "max_tail_nodes": 256}
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Inline constant ``If`` nodes in the main graph, every subgraph and every function body."""
         state = _Inliner(model, ctx)
         roots = [model.graph] + [f.graph for f in model.functions.values()]
+        sunk = 0
         try:
             for graph in roots:
                 state.run_graph(graph)
+            if self.config["sink_tails"]:
+                sunk = self._sink(model, ctx, state)
         except _Stop:
             pass
-        if state.inlined:
-            logger.info("inline-constant-if: inlined %d If node(s), moved %d node(s)", state.inlined,
-                        state.moved)
-        return PassResult(state.inlined > 0, {"inlined-ifs": state.inlined, "moved-nodes": state.moved})
+        if state.inlined or sunk:
+            logger.info("inline-constant-if: inlined %d If node(s), moved %d node(s), sank %d tail(s)",
+                        state.inlined, state.moved, sunk)
+        return PassResult(state.inlined > 0 or sunk > 0,
+                          {"inlined-ifs": state.inlined, "moved-nodes": state.moved, "sunk-tails": sunk})
+
+    def _sink(self, model: ir.Model, ctx: PassContext, state: _Inliner) -> int:
+        """Sink the tails of ``If`` nodes in every graph (functions excepted); how many were sunk."""
+        pinned = pinned_outputs(model)
+        stopped: list[bool] = []
+
+        def allow(description: str) -> bool:
+            if ctx.allow_rewrite(description):
+                return True
+            stopped.append(True)
+            return False
+
+        sunk = 0
+        for graph in list(model.all_graphs()):
+            if stopped:
+                break
+            sunk += sink_tails(model, graph, max_tail_nodes=int(self.config["max_tail_nodes"]), pinned=pinned,
+                               keep_names=state.keep_names, allow=allow)
+        return sunk
 
 
 class _Inliner:

@@ -80,7 +80,7 @@ def test_devices_give_one_stage_each(model_path: Path, tmp_path: Path) -> None:
     (("--memory-budget", "1KB"), "over the memory budget"),
     (("--devices", "tpu:0"), "is not cpu or cuda:K"),
     (("--stages", "2", "--branches"), "choose one strategy"),
-    (("--branches",), "no independent branches"),
+    (("--branches",), "no two independent branches"),
     ((), "give --stages K"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_folder(model_path: Path, tmp_path: Path, args, message) -> None:
@@ -114,3 +114,16 @@ def test_parse_size() -> None:
     for bad in ("", "GB", "-1GB", "2 parsecs", "0"):
         with pytest.raises(GraphoptError):
             parse_size(bad)
+
+
+def test_partition_leaves_no_files_in_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """onnxruntime's symbolic shape inference saved sym_shape_infer_temp.onnx (and external data)
+    into the current directory whenever it could not infer every value."""
+    light = Path(onnx.__file__).parent / "backend/test/data/light/light_squeezenet.onnx"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    result = invoke("partition", str(light), "-o", str(tmp_path / "parts"), "--stages", "2", "-q")
+    assert result.exit_code == 0, result.output
+    assert os.listdir(cwd) == []
+    assert len(Manifest.load(tmp_path / "parts").partitions) == 2

@@ -226,3 +226,39 @@ def test_split_heavy_balances_a_dominant_node_bit_exactly(tmp_path: Path) -> Non
     feeds = {"x": rng.standard_normal((4, 32)).astype(np.float32)}
     np.testing.assert_array_equal(run_partitions(tmp_path / "parts", feeds)["logits"],
                                   run_whole(model, feeds)["logits"])
+
+
+def _chain_model(nodes: list, outputs: list, inits: list | None = None) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              outputs, initializer=inits or [])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_initializer_named_as_graph_output_is_emitted(tmp_path: Path, stages: int) -> None:
+    """No partition produced an output that is an initializer: the manifest was refused."""
+    const = numpy_helper.from_array(np.arange(4, dtype=np.float32).reshape(1, 4), "c")
+    model = _chain_model([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+                          helper.make_node("Exp", ["b"], ["y"])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+                          helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])], [const])
+    graphopt.partition(model, tmp_path / "parts", stages=stages)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+    expected, actual = run_whole(model, feeds), run_partitions(tmp_path / "parts", feeds)
+    assert list(actual) == ["y", "c"]
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name])
+
+
+def test_sequence_value_crossing_a_cut_keeps_its_type(tmp_path: Path) -> None:
+    """A sequence crossing partitions has no tensor element type: emission failed with 'unknown'."""
+    model = _chain_model([helper.make_node("Relu", ["x"], ["a"]),
+                          helper.make_node("SequenceConstruct", ["a", "a"], ["s"]),
+                          helper.make_node("ConcatFromSequence", ["s"], ["y"], axis=0),
+                          helper.make_node("Exp", ["y"], ["z"])],
+                         [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["M", 4])])
+    graphopt.partition(model, tmp_path / "parts", stages=4)
+    manifest = Manifest.load(tmp_path / "parts")
+    assert any("s" in part.inputs for part in manifest.partitions)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+    np.testing.assert_array_equal(run_partitions(tmp_path / "parts", feeds)["z"], run_whole(model, feeds)["z"])

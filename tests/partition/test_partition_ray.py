@@ -24,6 +24,7 @@ def _x(rows: int = 8, width: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
 
 
+@pytest.mark.slow  # starting a Ray runtime of its own takes 20-60 s on a loaded 2-core machine
 def test_cli_on_its_own_ray_runtime_shuts_it_down(tmp_path: Path) -> None:
     # Runs before the cluster fixture exists: the command starts Ray and must stop it.
     from click.testing import CliRunner
@@ -73,34 +74,64 @@ def _wait_for_free_resources(expected: dict[str, float], seconds: float = 20.0) 
         time.sleep(0.2)
 
 
-def test_two_stages_on_two_nodes_are_bit_exact(cluster, two_stage) -> None:
+def test_two_stages_on_two_nodes_are_bit_exact(cluster, two_stage, monkeypatch) -> None:
+    """One session (actors are slow to start): placement, exact outputs, driver fetches, errors, close."""
     model, folder = two_stage
+    from graphopt.runtime import Manifest
+
+    manifest = Manifest.load(folder)
+    manifest.inputs[0].shape = ["N", None]  # let a wrong width through to onnxruntime
     x = _x()
-    with PartitionedSession(folder, backend="ray") as session:
+    fetched: list[int] = []
+    real_get = ray.get
+
+    def spy(refs, *args, **kwargs):
+        fetched.append(len(refs) if isinstance(refs, list) else 1)
+        return real_get(refs, *args, **kwargs)
+
+    session = PartitionedSession(manifest, backend="ray", micro_batches=2)
+    try:
         nodes = {name: where.split("Ray node ")[1].split(",")[0]
                  for name, where in session.placement().items()}
+        monkeypatch.setattr(ray, "get", spy)
         y = session.run({"x": x})["y"]
+        monkeypatch.setattr(ray, "get", real_get)
         many = list(session.run_many({"x": _x(seed=s)} for s in range(6)))
+        with pytest.raises(GraphoptError, match="partition 'stage0' failed") as info:
+            session.run({"x": _x(width=5)})
+        assert "\n" not in str(info.value)
+        np.testing.assert_array_equal(session.run({"x": x})["y"], y)  # still usable
+        actors = list(session._backend._actors)
+    finally:
+        session.close()
     assert nodes["stage0"] != nodes["stage1"]  # node_a and node_b resources
+    # One fetch of the one output per micro-batch; h1 went from actor to actor.
+    assert fetched == [1, 1]
     np.testing.assert_array_equal(y, run_model(model, {"x": x})["y"])
     for s, out in enumerate(many):
         np.testing.assert_array_equal(out["y"], run_model(model, {"x": _x(seed=s)})["y"])
+    # close() kills every actor and frees the resources; the cluster belongs to the caller.
+    for actor in actors:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ready.remote(), timeout=20)
+    available = _wait_for_free_resources({"node_a": 1, "node_b": 1})
+    assert available.get("node_a") == 1 and available.get("node_b") == 1
+    assert ray.is_initialized()
 
 
-def test_driver_fetches_only_the_final_outputs(cluster, two_stage, monkeypatch) -> None:
-    _, folder = two_stage
-    fetched: list[int] = []
-    real_get = ray.get
-    with PartitionedSession(folder, backend="ray", micro_batches=2) as session:
-        def spy(refs, *args, **kwargs):
-            fetched.append(len(refs) if isinstance(refs, list) else 1)
-            return real_get(refs, *args, **kwargs)
+def test_cli_runs_on_the_given_ray_cluster(cluster, two_stage, tmp_path: Path) -> None:
+    import onnx
+    from click.testing import CliRunner
 
-        monkeypatch.setattr(ray, "get", spy)
-        session.run({"x": _x()})
-        monkeypatch.setattr(ray, "get", real_get)
-    # One fetch of the one output per micro-batch; h1 went from actor to actor.
-    assert fetched == [1, 1]
+    model, folder = two_stage
+    onnx.save(model, tmp_path / "model.onnx")
+    np.savez(tmp_path / "in.npz", x=_x())
+    result = CliRunner().invoke(cli, ["run", str(folder), "--inputs", str(tmp_path / "in.npz"), "--backend",
+                                      "ray", "--ray-address", cluster.address, "--compare",
+                                      str(tmp_path / "model.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "bit-exact" in result.output and "ray backend" in result.output
+    assert ray.is_initialized()  # the cluster belongs to the caller: left running
 
 
 def test_branches_run_as_separate_actors(cluster, tmp_path: Path) -> None:
@@ -128,20 +159,6 @@ def test_partition_with_two_outputs(cluster, tmp_path: Path, compiled: bool) -> 
     np.testing.assert_array_equal(y, run_model(model, {"x": x})["y"])
 
 
-def test_failure_inside_an_actor_is_a_one_line_error(cluster, two_stage) -> None:
-    model, folder = two_stage
-    from graphopt.runtime import Manifest
-
-    manifest = Manifest.load(folder)
-    manifest.inputs[0].shape = ["N", None]  # let a wrong width through to onnxruntime
-    with PartitionedSession(manifest, backend="ray") as session:
-        with pytest.raises(GraphoptError, match="partition 'stage0' failed") as info:
-            session.run({"x": _x(width=5)})
-        assert "\n" not in str(info.value)
-        x = _x()
-        np.testing.assert_array_equal(session.run({"x": x})["y"], run_model(model, {"x": x})["y"])
-
-
 def test_unplaceable_partition_times_out_and_close_frees_resources(cluster, tmp_path: Path) -> None:
     write_partitions(mlp_model(layers=3), tmp_path, TWO_STAGES,
                      resources={"stage0": {"node_a": 1}, "stage1": {"accelerator_x": 1}})
@@ -150,19 +167,6 @@ def test_unplaceable_partition_times_out_and_close_frees_resources(cluster, tmp_
         PartitionedSession(tmp_path, backend="ray", ray_timeout=3)
     available = _wait_for_free_resources({"node_a": 1, "node_b": 1})
     assert available.get("node_a") == 1 and available.get("node_b") == 1
-
-
-def test_close_kills_every_actor(cluster, two_stage) -> None:
-    _, folder = two_stage
-    session = PartitionedSession(folder, backend="ray")
-    actors = list(session._backend._actors)
-    session.close()
-    for actor in actors:
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.ready.remote(), timeout=20)
-    available = _wait_for_free_resources({"node_a": 1, "node_b": 1})
-    assert available.get("node_a") == 1 and available.get("node_b") == 1
-    assert ray.is_initialized()  # the cluster belongs to the caller: left running
 
 
 def test_compiled_graph_on_two_nodes_is_bit_exact(cluster, two_stage, monkeypatch) -> None:

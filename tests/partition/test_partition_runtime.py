@@ -18,6 +18,7 @@ from partition_runtime_helpers import (
     write_partitions,
 )
 
+import graphopt
 from graphopt.errors import GraphoptError
 from graphopt.runtime import (
     Manifest,
@@ -211,9 +212,48 @@ def test_micro_batches_refuse_what_cannot_be_split(tmp_path: Path, mlp_parts) ->
                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
     model = helper.make_model(reduce, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     write_partitions(model, tmp_path, [("all", "stage", ["x"], ["y"])])
-    with PartitionedSession(tmp_path, micro_batches=2) as session:
-        with pytest.raises(GraphoptError, match="output 'y' does not keep the batch"):
-            session.run({"x": _x(rows=4, width=4)})
+    with pytest.raises(GraphoptError, match="ReduceSum .* reduces over every axis"):
+        PartitionedSession(tmp_path, micro_batches=2)
+
+
+def _two_stage_parts(folder: Path, nodes: list, width: int = 4) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    graphopt.partition(model, folder, stages=2)
+    return model
+
+
+@pytest.mark.parametrize("mixing", [
+    helper.make_node("Softmax", ["a"], ["s"], axis=0),
+    helper.make_node("ReduceMean", ["a"], ["s"], axes=[0], keepdims=1),
+    helper.make_node("Transpose", ["a"], ["s"], perm=[1, 0]),
+], ids=["softmax-axis0", "reduce-axis0", "transpose"])
+def test_micro_batches_refused_when_a_node_mixes_rows(tmp_path: Path, mixing) -> None:
+    """Outputs of the right shape but computed across rows were joined silently."""
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), mixing, helper.make_node("Add", ["s", "a"], ["y"])]
+    model = _two_stage_parts(tmp_path / "parts", nodes)
+    with pytest.raises(GraphoptError, match="micro-batches would change the outputs"):
+        PartitionedSession(tmp_path / "parts", micro_batches=2)
+    x = _x(rows=4, width=4)
+    with PartitionedSession(tmp_path / "parts") as session:
+        np.testing.assert_array_equal(session.run({"x": x})["y"], run_model(model, {"x": x})["y"])
+
+
+def test_micro_batches_follow_a_reshape_that_keeps_the_batch(tmp_path: Path) -> None:
+    shape = [helper.make_node("Shape", ["x"], ["sh"]),
+             helper.make_node("Slice", ["sh", "zero", "one"], ["n1"]),
+             helper.make_node("Concat", ["n1", "dims"], ["target"], axis=0)]
+    nodes = [helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])),
+             helper.make_node("Constant", [], ["one"], value=helper.make_tensor("o", TensorProto.INT64, [1], [1])),
+             helper.make_node("Constant", [], ["dims"], value=helper.make_tensor("d", TensorProto.INT64, [2], [2, 2])),
+             *shape, helper.make_node("Reshape", ["x", "target"], ["r"]),
+             helper.make_node("Softmax", ["r"], ["s"], axis=-1),
+             helper.make_node("Reshape", ["s", "sh"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+    model = _two_stage_parts(tmp_path / "parts", nodes)
+    x = _x(rows=6, width=4)
+    with PartitionedSession(tmp_path / "parts", micro_batches=3) as session:
+        np.testing.assert_array_equal(session.run({"x": x})["y"], run_model(model, {"x": x})["y"])
 
 
 def test_run_many_pipelines_requests_and_keeps_their_order(mlp_parts) -> None:
@@ -373,3 +413,20 @@ def test_branches_found_by_graphopt_partition_run_concurrently(tmp_path: Path) -
         threads = {e.thread for e in session.trace}
     np.testing.assert_array_equal(y, run_model(model, {"x": x})["y"])
     assert len(threads) == len(result.manifest.partitions)
+
+
+def test_micro_batches_accept_shape_entries_other_than_the_batch(tmp_path: Path) -> None:
+    """Shape(x)[1] (a sequence length) is the same in every micro-batch; Shape(x)[0] is not."""
+    def nodes(index: int) -> list:
+        return [helper.make_node("Constant", [], ["i"], value=helper.make_tensor("i", TensorProto.INT64, [], [index])),
+                helper.make_node("Shape", ["x"], ["sh"]), helper.make_node("Gather", ["sh", "i"], ["n"]),
+                helper.make_node("Cast", ["n"], ["nf"], to=TensorProto.FLOAT),
+                helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Mul", ["a", "nf"], ["y"])]
+
+    model = _two_stage_parts(tmp_path / "seq", nodes(1))
+    x = _x(rows=6, width=4)
+    with PartitionedSession(tmp_path / "seq", micro_batches=3) as session:
+        np.testing.assert_array_equal(session.run({"x": x})["y"], run_model(model, {"x": x})["y"])
+    _two_stage_parts(tmp_path / "batch", nodes(0))
+    with pytest.raises(GraphoptError, match="computes with the batch size"):
+        PartitionedSession(tmp_path / "batch", micro_batches=3)

@@ -50,10 +50,11 @@ def test_tied_embedding_is_stored_once_and_outputs_are_identical(tmp_path: objec
     source = tied_model()  # 76.8 kB per copy: above min-bytes=0, below the 1 MiB default
     graph, counters = _run(source, "dedup-transposed-initializers<min-bytes=0>")
     assert counters == {"removed-initializers": 1, "saved-bytes": 300 * 64 * 4, "transposes": 1, "reshapes": 0}
-    assert set(graph.graph.initializers) == {"wte"}
-    transpose = next(n for n in graph.graph if n.op_type == "Transpose")
-    assert transpose.inputs[0].name == "wte" and transpose.attr("perm") == (1, 0)
-    assert transpose.outputs[0].name == "head"  # the reader's input keeps its name
+    assert set(graph.graph.initializers) - {"wte"} <= {"wte_rows", "zero", "minus_one", "wte_cols"}
+    assert "Transpose" not in [n.op_type for n in graph.graph]  # the product reads wte transposed
+    gemm = next(n for n in graph.graph if n.op_type == "Gemm")
+    assert gemm.inputs[1].name == "wte" and gemm.attr("transB") == 1
+    assert graph.graph.outputs[0].name == "logits" and graph.graph.outputs[0].producer.op_type == "Reshape"
     output = ir.to_proto(graph)
     np.testing.assert_array_equal(_logits(source), _logits(output))
     path = os.path.join(str(tmp_path), "out.onnx")
@@ -81,6 +82,36 @@ def test_overridable_weights_of_ir3_models_stay() -> None:
     assert len(graph.graph.initializers) == 2
 
 
+def test_transpose_without_an_absorbing_reader_keeps_both() -> None:
+    """A transposed weight read by anything but a matrix product's B would need a Transpose at run time."""
+    source = tied_model()
+    source.graph.node[1].op_type = "Add"  # Add(h [B,S,64], head [64,300]) cannot absorb a transpose
+    source.graph.node[1].input[:] = ["head", "head"]
+    del source.graph.output[:]
+    source.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [64, 300]))
+    graph, counters = _run(source, "dedup-transposed-initializers<min-bytes=0>")
+    assert not counters.get("removed-initializers")
+    assert set(graph.graph.initializers) == {"wte", "head"}
+
+
+def test_static_rank2_product_becomes_one_gemm() -> None:
+    """A MatMul whose left operand is known to be a matrix becomes Gemm(A, W, transB=1), nothing else."""
+    rng = np.random.default_rng(0)
+    wte = rng.standard_normal((300, 64)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["wte", "ids"], ["h"]), helper.make_node("MatMul", ["h", "head"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, 300])],
+                              [numpy_helper.from_array(wte, "wte"), numpy_helper.from_array(np.ascontiguousarray(wte.T), "head")],
+                              value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, [4, 64])])
+    source = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    model, counters = _run(source, "dedup-transposed-initializers<min-bytes=0>")
+    assert counters["removed-initializers"] == 1
+    assert [n.op_type for n in model.graph] == ["Gather", "Gemm"]
+    ids = np.array([0, 5, 299, 7], dtype=np.int64)
+    np.testing.assert_allclose(run_model(source, {"ids": ids})["logits"],
+                               run_model(ir.to_proto(model), {"ids": ids})["logits"], rtol=1e-5, atol=1e-5)
+
+
 def test_bisect_limit_is_honoured() -> None:
     graph, counters = _run(tied_model(), "dedup-transposed-initializers<min-bytes=0>", bisect_limit=0)
     assert not counters.get("removed-initializers")
@@ -88,12 +119,12 @@ def test_bisect_limit_is_honoured() -> None:
 
 
 def test_o3_folds_the_transpose_into_the_product() -> None:
-    """At -O3 the contrib fusions read wte transposed in place: no Transpose runs at all."""
+    """At -O3 the product reads wte transposed in place (Gemm transB): no Transpose runs at all."""
     source = tied_model(vocab=4200, hidden=64)
     graph, counters = _run(source, "O3")
     assert counters["removed-initializers"] == 1
     ops = [n.op_type for n in graph.graph]
-    assert "Transpose" not in ops and "FusedMatMul" in ops
+    assert "Transpose" not in ops and "Gemm" in ops
     ids = np.random.default_rng(1).integers(0, 4200, (2, 5)).astype(np.int64)
     expected = run_model(source, {"ids": ids})
     actual = run_model(ir.to_proto(graph), {"ids": ids})

@@ -83,7 +83,7 @@ g (float[2] x) => (float[2] y, float[2] t_1) {
 def test_nested_ifs_inline_with_unique_names(registry: PassRegistry) -> None:
     """Both levels inline; names the branches share with each other and with the outer graph stay unique."""
     source, model, report = _optimize(NESTED, registry)
-    assert _counters(report) == {"inlined-ifs": 2, "moved-nodes": 4}
+    assert _counters(report) == {"inlined-ifs": 2, "moved-nodes": 4, "sunk-tails": 0}
     ops = [n.op_type for n in model.graph]
     assert "If" not in ops
     assert ops.count("Neg") == 1 and ops.count("Exp") == 1 and ops.count("Add") == 1
@@ -103,7 +103,7 @@ def test_counters_and_idempotence(registry: PassRegistry) -> None:
     _, model, _ = _optimize(NESTED, registry)
     report = PassManager(INLINE, PassContext(registry=registry)).run(model)
     assert report.records[-1].changed is False
-    assert _counters(report) == {"inlined-ifs": 0, "moved-nodes": 0}
+    assert _counters(report) == {"inlined-ifs": 0, "moved-nodes": 0, "sunk-tails": 0}
 
 
 def test_if_in_loop_body_reads_outer_constant(registry: PassRegistry) -> None:
@@ -127,7 +127,7 @@ def test_if_in_loop_body_reads_outer_constant(registry: PassRegistry) -> None:
       >
     }"""
     source, model, report = _optimize(text, registry)
-    assert _counters(report) == {"inlined-ifs": 1, "moved-nodes": 2}
+    assert _counters(report) == {"inlined-ifs": 1, "moved-nodes": 2, "sunk-tails": 0}
     body = next(n for n in model.graph if n.op_type == "Loop").attr("body")
     assert [n.op_type for n in body] == ["Identity", "Mul", "Sin"]
     assert body.outputs[1].name == "acc_out" and body.outputs[1].producer.op_type == "Sin"

@@ -246,3 +246,54 @@ def test_accuracy_budget_on_many_units_ranks_by_noise_added() -> None:
     assert rep["fallbacks"][0]["unit"] == "layer13"
     assert rep["accuracy"]["drop"] <= 0.02
     assert sum(u["status"] == "quantized" for u in rep["units"]) >= 20
+
+
+def test_float16_overflow_is_reported_not_silent() -> None:
+    """Activations beyond ±65504 become inf in float16: the report and a warning must say so.
+
+    (Float16 inputs, so that onnxruntime's CPU provider runs the ops in float16, as a GPU does.)
+    """
+    proto = _model([helper.make_node("Mul", ["x", "gain"], ["t"], name="gain"),
+                    helper.make_node("Add", ["t", "t"], ["y"], name="double")],  # |y| ~ 1e5
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+                   [numpy_helper.from_array(np.array(50000.0, np.float32), "gain")])
+    out = graphopt.quantize(proto, mode="float16", keep_io_types=False, check_speed=False)
+    assert out.report["accuracy"]["non_finite_outputs"] == 2  # both seeded samples
+    assert any("inf/NaN" in w for w in out.warnings)
+    small = _model(proto.graph.node, list(proto.graph.input), list(proto.graph.output),
+                   [numpy_helper.from_array(np.array(5.0, np.float32), "gain")])
+    fine = graphopt.quantize(small, mode="float16", keep_io_types=False, check_speed=False)
+    assert fine.report["accuracy"]["non_finite_outputs"] == 0 and fine.report["accuracy"]["cosine_min"] > 0.999
+    assert not any("inf/NaN" in w for w in fine.warnings)
+
+
+def test_mode_that_converts_nothing_says_so() -> None:
+    rng = np.random.default_rng(9)
+    proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="small")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+                   [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+    out = graphopt.quantize(proto, mode="dynamic", check_speed=False)
+    assert any("nothing was converted" in w for w in out.warnings)
+    assert out.report["accuracy"]["max_abs"] == 0.0  # the float model, unchanged
+
+
+def test_int4_mode_quantizes_a_matmul_with_bias_add() -> None:
+    """The -O2 run before quantizing must not turn MatMul+Add into a Gemm that int4 cannot take."""
+    rng = np.random.default_rng(10)
+    w = (rng.standard_normal((256, 128)) * 0.1).astype(np.float32)
+    proto = _model([helper.make_node("MatMul", ["x", "w"], ["m"], name="proj"),
+                    helper.make_node("Add", ["m", "b"], ["y"], name="bias")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 256])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 128])],
+                   [numpy_helper.from_array(w, "w"),
+                    numpy_helper.from_array(rng.standard_normal(128).astype(np.float32), "b")])
+    out = graphopt.quantize(proto, mode="int4", check_speed=False)
+    assert out.report["ops_after"].get("com.microsoft.MatMulNBits") == 1 and "Gemm" not in out.report["ops_after"]
+    assert not any("nothing was converted" in w for w in out.warnings)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    expected = run_model(proto, {"x": x})["y"]
+    actual = run_model(out.model, {"x": x})["y"]
+    # 4-bit blocks of 32 rows: each output within sum_k |x_k| * s_k / 2 plus int8 activations; 15% of range
+    assert np.abs(expected - actual).max() < 0.15 * np.abs(expected).max()

@@ -227,6 +227,12 @@ def test_matches_onnxruntime_calibrators(tmp_path: os.PathLike) -> None:
 
     ours = calibrate(model, tensors, feeds)
     assert ort_ranges(CalibrationMethod.MinMax) == {t: ours.range(t) for t in tensors}
+    # The output and the final MatMul's input keep min/max whatever the method; the methods
+    # themselves are compared on the plain statistics.
+    assert ours.minmax_tensors == {"relu1", "y"}
+    assert ours.with_method("entropy").range("relu1") == ours.range("relu1")
+    ours = CalibrationResult(method="minmax", samples=ours.samples, model_digest=ours.model_digest,
+                             stats=ours.stats, params=ours.params)
     theirs = ort_ranges(CalibrationMethod.Percentile, symmetric=True, percentile=99.9)
     mine = ours.with_method("percentile", percentile=99.9, symmetric=True)
     for t in tensors:  # onnxruntime clips each side to the observed value; compare |threshold|

@@ -103,6 +103,10 @@ def test_int8_activations_place_only_units_that_fuse(workdir: Path) -> None:
     data = json.loads(rep.read_text())
     assert data["fusion"]["unfused"] == 0 and data["fusion"]["fused"] == {"QLinearConv": 2}
     assert data["tensors"]["x"]["type"] == "int8"
+    x = np.random.default_rng(5).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    expected = run_model(_cnn(), {"x": x})["y"]
+    actual = run_model(onnx.load(str(workdir / "q.onnx")), {"x": x})["y"]
+    assert np.abs(expected - actual).max() < 0.05 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -158,3 +162,52 @@ def test_slower_than_float32_is_said_loudly(workdir: Path) -> None:
                                       "--synthetic", "--samples", "6"])
     assert result.exit_code == 0, result.output
     assert "SLOWER THAN FLOAT32" in result.output and "SLOWER than float32" in result.output
+
+
+def _fixed_batch_reshape(tmp: Path) -> Path:
+    """A symbolic batch dim N that a Reshape to [1, 16] only allows at 1."""
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"], name="mm")],
+        "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(np.array([1, 16], np.int64), "shape"),
+         numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = tmp / "fixed.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("mode_args", [["--synthetic"], ["--mode", "float16"]])
+def test_float_model_that_cannot_run_on_the_samples_is_a_one_line_error(workdir: Path, mode_args: list[str]) -> None:
+    model = _fixed_batch_reshape(workdir)
+    out = workdir / "q.onnx"
+    result = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(out), "--dim", "N=2", "--no-speed-check",
+                                      *mode_args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("graphopt: error")]
+    assert len(lines) == 1 and "cannot run the float model on the sample inputs" in lines[0] and "--dim" in lines[0]
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    assert not out.exists()
+
+
+def test_float16_mode_summary_shows_the_accuracy_check(workdir: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "gain"], ["t"]), helper.make_node("Add", ["t", "t"], ["y"])], "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        [numpy_helper.from_array(np.array(50000.0, np.float32), "gain")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(workdir / "big.onnx"))
+    # float32 inputs and outputs: onnxruntime's CPU provider computes this chain in float32, no overflow
+    result = CliRunner().invoke(cli, ["quantize", str(workdir / "big.onnx"), "-o", str(workdir / "h.onnx"),
+                                      "--mode", "float16", "--no-speed-check"])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "cosine" in result.output
+    x = np.random.default_rng(6).standard_normal((4, 16)).astype(np.float32)
+    expected = run_model(model, {"x": x})["y"]
+    actual = run_model(onnx.load(str(workdir / "h.onnx")), {"x": x})["y"]
+    assert np.isfinite(actual).all() and np.abs(expected - actual).max() < 1e-2 * np.abs(expected).max()

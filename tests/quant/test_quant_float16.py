@@ -121,12 +121,16 @@ def test_bfloat16_keeps_what_the_cpu_provider_cannot_run_and_loads() -> None:
 
 
 def test_block_list_keeps_ops_in_float32_with_casts_at_the_borders() -> None:
-    model, _ = _convert(_encoder(), 'convert-float16<block-ops="Softmax,LayerNormalization">')
+    source = _encoder()
+    model, _ = _convert(source, 'convert-float16<block-ops="Softmax,LayerNormalization">')
     kept = [n for n in model.graph if n.op_type in ("Softmax", "LayerNormalization")]
     assert kept and all(v.dtype == TensorProto.FLOAT for n in kept for v in (*n.inputs, *n.outputs) if v is not None
                         and v.dtype in (TensorProto.FLOAT, TensorProto.FLOAT16))
     assert all(n.inputs[0].producer is not None and n.inputs[0].producer.op_type == "Cast" for n in kept)  # type: ignore[union-attr]
     assert "Pow" in DEFAULT_BLOCK_OPS and "TopK" in DEFAULT_BLOCK_OPS
+    x = np.random.default_rng(2).standard_normal((1, 8, 32)).astype(np.float32)
+    actual = run_model(ir.to_proto(model), {"x": x})["y"]
+    assert _relative_error(actual, run_model(source, {"x": x})["y"]) < FLOAT16_RTOL
 
 
 def test_clamp_clips_initializers_and_warns(caplog: pytest.LogCaptureFixture) -> None:
