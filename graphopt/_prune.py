@@ -303,6 +303,11 @@ def prune(model: ModelSource, *, ratio: float = 0.0, target_macs: float | None =
               if (reconstruct or recalibrate_bn) else None)
     macs_before = model_macs(working, dims)
     params_before, _ = count_parameters(working, nonzero=False)
+    if ratio or target_macs is not None:
+        # Dead nodes (a debug branch nobody reads) would otherwise block the groups they touch.
+        from graphopt.pipeline import PassContext, PassManager
+
+        PassManager("eliminate-dead-code", PassContext()).run(working)
     if target_macs is not None:
         ratio = _ratio_for_target(original, target_macs, heads, criterion, round_to, exclude, dims, macs_before)
     plan, changes = _structured(working, ratio, heads, criterion, round_to, exclude)

@@ -233,3 +233,30 @@ def test_split_concat_slice_qdq_conv_transpose_and_flatten_are_rewritten() -> No
     expected, actual = _outputs(planted, feeds), _outputs(model, feeds)
     for key in expected:
         np.testing.assert_allclose(actual[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_dead_branch_over_the_channel_axis_does_not_block_pruning() -> None:
+    """A debug branch nobody reads (ReduceMean over channels) must not block the conv's group."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w1"], ["c1"], name="w1", pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["c1"], ["r1"]),
+        onnx.helper.make_node("ReduceMean", ["r1"], ["debug_mean"], axes=[1]),
+        onnx.helper.make_node("Conv", ["r1", "w2"], ["y"], name="w2"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [w1, w2])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+
+    result = graphopt.prune(model, ratio=0.5)
+
+    shapes = _weight_shapes(result.model)
+    assert shapes["w1"] == (4, 3, 3, 3) and shapes["w2"] == (4, 4, 1, 1)
+    assert "ReduceMean" not in {n.op_type for n in result.model.graph.node}
+    # The pruned model runs and keeps the output's shape (its values differ: it is a smaller model).
+    out = _outputs(result.model, _feeds(result.model))
+    assert next(iter(out.values())).shape == (1, 4, 8, 8)
