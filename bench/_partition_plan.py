@@ -28,7 +28,8 @@ def plan_quality(model_path: str, stages: Sequence[int] = (2, 4, 8), *,
     """Plan ``model_path`` for each stage count and measure the plan (nothing is written).
 
     With ``split_heavy``, single MatMul/Gemm nodes heavier than half a stage are first split
-    into column blocks (``graphopt partition --split-heavy``).
+    into column blocks (``graphopt partition --split-heavy``); a split graph output (GPT-2's
+    logits) is assembled by the runtime from its slices, which do not count as crossing cuts.
 
     Returns:
         One dict per K: ``model``, ``stages``, ``split_heavy``, ``balance_ratio`` (slowest stage

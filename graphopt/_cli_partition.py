@@ -30,8 +30,9 @@ __all__ = ["partition"]
 @click.option("--branches", is_flag=True, help="One partition per independent branch (multi-tower, "
               "ensembles), run concurrently.")
 @click.option("--split-heavy", is_flag=True, help="With --stages/--devices: split single MatMul/Gemm "
-              "nodes heavier than half a stage into column blocks first (better balance; their "
-              "output slices may cross stages).")
+              "nodes heavier than half a stage into column blocks first (better balance). A split "
+              "graph output (an LM head's logits) goes to the caller in slices that the runtime "
+              "concatenates; other split outputs' slices may cross stages.")
 @click.option("--dim", "dim_specs", multiple=True, metavar="NAME=SIZE",
               help="Size of a symbolic input dim for the cost model (repeatable).")
 @click.option("--default-dim", type=click.IntRange(min=1), default=1, show_default=True,
@@ -124,6 +125,10 @@ def _print_plan(model: str, result) -> None:
     console.print(f"total: {plan.total_flops / 1e9:,.3f} GFLOPs, {_mb(plan.total_weight_bytes)} MB of "
                   f"weights; slowest partition {plan.balance_ratio():.3f}x an even share; "
                   f"{_mb(plan.cut_bytes)} MB cross partitions per run{budget}")
+    for recipe in result.assemble:
+        console.print(f"output {escape(recipe['output'])} is assembled after the run from "
+                      f"{len(recipe['parts'])} column slices (concat on axis {recipe['axis']}); "
+                      "the slices go to the caller, not across partitions")
     if result.chain_cut_bytes is not None:
         console.print(f"a straight chain cut into {len(plan.partitions)} stages would send "
                       f"{_mb(result.chain_cut_bytes)} MB")

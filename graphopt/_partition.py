@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import onnx
@@ -53,6 +53,9 @@ _INLINE_SOURCE_BYTES = 16 * 1024 * 1024
 _CHEAP_RELOADS = 4
 #: Partitions holding more weight bytes than this store them as external data.
 EXTERNAL_DATA_BYTES = 256 * 1024 * 1024
+#: Column blocks of a split heavy node hold about this fraction of an even share each: fine
+#: enough that the stages around them can end at chain points (one tensor crossing).
+_HEAVY_PIECE_SHARE = 1 / 16
 
 
 def parse_size(text: str | int | float) -> int:
@@ -89,6 +92,8 @@ class PartitionResult:
         output_dir: the folder written (``None`` with ``plan_only``).
         throughput: predicted pipeline throughput (see :meth:`PartitionPlan.predicted_throughput`).
         chain_cut_bytes: bytes a straight chain cut would send for as many stages (stage plans).
+        assemble: model outputs joined from partition outputs after the run (the manifest's
+            ``assemble`` entries; with ``split_heavy``, also known with ``plan_only``).
     """
 
     plan: PartitionPlan
@@ -96,6 +101,7 @@ class PartitionResult:
     output_dir: str | None
     throughput: dict[str, float]
     chain_cut_bytes: int | None = None
+    assemble: list[dict] = field(default_factory=list)
 
 
 def _check_devices(devices: Sequence[str] | str | None) -> list[str]:
@@ -145,19 +151,35 @@ class _Source:
         return ir.load(self.path)
 
 
-def _split_heavy_nodes(model: ir.Model, cost: GraphCost, stages: int) -> int:
-    """Column-split the nodes heavier than half an even share into blocks of about a quarter."""
+def _split_heavy_nodes(model: ir.Model, cost: GraphCost, stages: int) -> tuple[int, list[dict]]:
+    """Column-split the nodes heavier than half an even share into blocks of about a quarter.
+
+    Returns the number of nodes split and the ``assemble`` recipes of the split outputs that
+    were graph outputs: their Concat is removed, the slices become graph outputs, and the
+    runtime joins them after the run (so they never cross between partitions).
+    """
     from graphopt.passes.partition import split_columns
+    from graphopt.passes.partition.split_heavy import detach_output_concat
 
     share = cost.total_flops / stages
     nodes = model.graph.nodes
     count = 0
+    assemble: list[dict] = []
     for index, flops in enumerate(cost.flops):
         if share and flops > share / 2:
-            pieces = min(int(math.ceil(flops / (share / 4))), 64)
-            count += split_columns(model, nodes[index], pieces)
-    logger.info("partition: %d heavy node(s) split into column blocks", count)
-    return count
+            pieces = min(int(math.ceil(flops / (share * _HEAVY_PIECE_SHARE))), 64)
+            name = nodes[index].outputs[0].name if len(nodes[index].outputs) == 1 else None
+            if not split_columns(model, nodes[index], pieces):
+                continue
+            count += 1
+            joined = next((v for v in model.graph.outputs if v.name == name), None)
+            if joined is not None and joined.producer is not None and joined.producer.op_type == "Concat":
+                recipe = detach_output_concat(model, joined.producer)
+                if recipe is not None:
+                    assemble.append(recipe)
+    logger.info("partition: %d heavy node(s) split into column blocks, %d assembled from graph "
+                "outputs after the run", count, len(assemble))
+    return count, assemble
 
 
 def _tensor_parallel_plan(cost: GraphCost, devices: list[str]) -> PartitionPlan:
@@ -203,8 +225,10 @@ def partition(model: str | os.PathLike | onnx.ModelProto | ir.Model, output_dir:
         tensor_parallel: number of shards for tensor parallelism.
         branches: partition independent branches.
         split_heavy: with a stage count, first split single MatMul/Gemm nodes heavier than half
-            an even share into column blocks (joined by a Concat) so stages can balance; the
-            blocks' outputs may then cross stages.
+            an even share into column blocks (joined by a Concat) so stages can balance. When
+            that Concat made a graph output, it is dropped: the blocks' outputs go to the
+            caller and the manifest's ``assemble`` joins them after the run; otherwise the
+            blocks' outputs may cross stages to reach the Concat.
         dims: sizes of symbolic input dims for the cost model.
         default_dim: size of the other symbolic dims.
         plan_only: plan and return without writing anything.
@@ -264,8 +288,11 @@ def partition(model: str | os.PathLike | onnx.ModelProto | ir.Model, output_dir:
             current = source.load()
         cost = graph_cost(current, dims=dims, default_dim=default_dim)
         count = stages or len(device_list) or None
+        assemble: list[dict] = []
+        output_cost = cost  # types of the model's outputs, assembled ones included
         if split_heavy and count and tensor_parallel is None and not branches:
-            if _split_heavy_nodes(current, cost, count):
+            split, assemble = _split_heavy_nodes(current, cost, count)
+            if split:
                 source.replace(current)
                 current = source.load()
                 cost = graph_cost(current, dims=dims, default_dim=default_dim)
@@ -282,18 +309,20 @@ def partition(model: str | os.PathLike | onnx.ModelProto | ir.Model, output_dir:
         throughput = plan.predicted_throughput(device_models)
         if plan_only:
             return PartitionResult(plan=plan, manifest=None, output_dir=None, throughput=throughput,
-                                   chain_cut_bytes=baseline)
+                                   chain_cut_bytes=baseline, assemble=assemble)
         assert out_path is not None
         meta = {"predicted_throughput": throughput, "chain_cut_bytes": baseline,
                 "tensor_parallel": tensor_parallel}
         manifest = _write(source, cost, plan, out_path, overwrite=overwrite, progress=progress,
-                          external_data_bytes=external_data_bytes, meta=meta)
+                          external_data_bytes=external_data_bytes, meta=meta, assemble=assemble,
+                          output_cost=output_cost)
     return PartitionResult(plan=plan, manifest=manifest, output_dir=out_path, throughput=throughput,
-                           chain_cut_bytes=baseline)
+                           chain_cut_bytes=baseline, assemble=assemble)
 
 
 def _write(source: _Source, cost: GraphCost, plan: PartitionPlan, out_path: str, *, overwrite: bool,
-           progress: Callable[[int, int], None] | None, external_data_bytes: int, meta: dict) -> Manifest:
+           progress: Callable[[int, int], None] | None, external_data_bytes: int, meta: dict,
+           assemble: Sequence[dict] = (), output_cost: GraphCost | None = None) -> Manifest:
     """Emit into a temporary sibling folder, then rename it to ``out_path``."""
     from graphopt.passes.partition import emit_partitions
 
@@ -302,7 +331,8 @@ def _write(source: _Source, cost: GraphCost, plan: PartitionPlan, out_path: str,
     try:
         source.prepare(len(plan.partitions))
         manifest = emit_partitions(source.load, cost, plan, staging, source_model=source.name,
-                                   meta=meta, external_data_bytes=external_data_bytes, progress=progress)
+                                   meta=meta, external_data_bytes=external_data_bytes, progress=progress,
+                                   assemble=assemble, output_cost=output_cost)
         os.chmod(staging, 0o777 & ~_umask())
         if os.path.exists(out_path):
             if not overwrite and (not os.path.isdir(out_path) or os.listdir(out_path)):

@@ -11,7 +11,8 @@ cycle. The search has two steps:
    one sending the fewest bytes across cuts: a dynamic program over cut positions,
    ``best[k][j] = cut_bytes[j] + min(best[k-1][i] for i in [lo(j), j))``, where the stages
    ending at ``j`` that fit start at ``lo(j)`` or later (a two-pointer window, so the program
-   runs in ``O(K·n)`` with a sliding minimum).
+   runs in ``O(K·n)`` with a sliding minimum). Among the splits sending those fewest bytes, a
+   bisection on the cap picks one with the lowest slowest stage.
 
 A stage's cost is its FLOPs (``balance="flops"``), its memory (``"memory"``), or a roofline
 latency (``"latency"``: per node ``max(FLOPs / peak FLOP/s, bytes moved / memory bandwidth)``).
@@ -287,6 +288,28 @@ def _window_starts(window: _Window, n: int, cap: float, budget: float) -> list[i
     return lo
 
 
+def _tightest_cap(window: _Window, n: int, k: int, budget: float, cut: list[int], cuts: list[int],
+                  best: float, slack: float, steps: int = 12) -> list[int]:
+    """Among the splits sending as few bytes as ``cuts``, one with the lowest bottleneck cap.
+
+    The fewest-bytes program is indifferent between splits that send the same bytes; a
+    bisection on the cap between ``best`` and ``best + slack`` keeps the bytes and lowers the
+    slowest stage as far as the cuts allow.
+    """
+    sent = sum(cut[c] for c in cuts)
+    low, high = best, best + slack
+    for _ in range(steps):
+        if high - low <= 1e-6 * max(best, 1.0):
+            break
+        middle = (low + high) / 2
+        found = _fewest_cut_bytes(n, k, _window_starts(window, n, middle + 1e-9 * max(best, 1.0), budget), cut)
+        if found is not None and sum(cut[c] for c in found) <= sent:
+            cuts, high = found, middle
+        else:
+            low = middle
+    return cuts
+
+
 def _fewest_cut_bytes(n: int, k: int, lo: list[int], cut: list[int]) -> list[int] | None:
     """Cut positions (k-1 of them) minimizing the bytes crossing, each run starting at >= lo[end]."""
     inf = math.inf
@@ -395,6 +418,7 @@ def plan_stages(cost: GraphCost, stages: int | None = None, *, memory_budget: in
             break
     if cuts is None:  # cannot happen when the bisection succeeded; a clear error all the same
         raise GraphoptError(f"no split into {stages} stages found within the memory budget")
+    cuts = _tightest_cap(window, n, stages, budget, cut, cuts, best, share * tolerance)
     bounds = [0, *cuts, n]
     runs = [list(range(bounds[k], bounds[k + 1])) for k in range(stages)]
     plan = _make_plan(cost, runs, ["stage"] * stages, devices or ["cpu"] * stages, strategy, balance,

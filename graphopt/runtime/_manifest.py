@@ -94,6 +94,11 @@ class Manifest:
             ``branches``, ``tensor-parallel``).
         source_model: file name of the model that was partitioned.
         meta: free-form plan details (cost model settings, predicted throughput...).
+        assemble: model outputs that no partition produces whole but the caller assembles
+            from partition outputs after the run, each
+            ``{"output": name, "op": "concat", "axis": int, "parts": [tensor names]}``
+            (a heavy node split into column blocks whose Concat was a graph output: the slices
+            go straight to the caller instead of crossing partitions). Empty in older manifests.
     """
 
     partitions: list[PartitionSpec]
@@ -104,6 +109,7 @@ class Manifest:
     source_model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
+    assemble: list[dict[str, Any]] = field(default_factory=list)
     #: Folder the manifest was loaded from (not serialized).
     base_dir: str = field(default="", compare=False, repr=False)
 
@@ -156,8 +162,9 @@ class Manifest:
                 strategy=data.get("strategy", "stages"),
                 source_model=data.get("source_model", ""),
                 meta=dict(data.get("meta", {})),
+                assemble=[dict(entry) for entry in data.get("assemble", [])],
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise GraphoptError(f"{source} is malformed: {exc}") from None
 
     def partition_path(self, partition: PartitionSpec) -> Path:
@@ -168,6 +175,10 @@ class Manifest:
             raise GraphoptError(f"partition '{partition.name}' points outside the manifest folder "
                                 f"('{partition.file}'); partition files must lie inside it")
         return path
+
+    def assembled(self) -> dict[str, dict[str, Any]]:
+        """The ``assemble`` entries by the model output they make."""
+        return {entry["output"]: entry for entry in self.assemble}
 
     def topological_order(self) -> list[PartitionSpec]:
         """The partitions in the order they can run one after another."""
@@ -205,6 +216,25 @@ class Manifest:
             if check_files and not self.partition_path(part).is_file():
                 raise GraphoptError(f"partition file '{part.file}' of '{part.name}' is missing from "
                                     f"'{self.base_dir}'")
-        missing_outputs = [t.name for t in self.outputs if t.name not in available]
+        output_names = {t.name for t in self.outputs}
+        assembled: set[str] = set()
+        for entry in self.assemble:
+            name = entry.get("output") if isinstance(entry, dict) else None
+            parts = entry.get("parts") if isinstance(entry, dict) else None
+            if (name not in output_names or entry.get("op") != "concat"
+                    or not isinstance(entry.get("axis"), int) or isinstance(entry.get("axis"), bool)
+                    or not isinstance(parts, list) or not parts
+                    or not all(isinstance(part, str) for part in parts)):
+                raise GraphoptError(f"manifest assemble entry {entry!r} is malformed; expected "
+                                    '{"output": <a model output>, "op": "concat", "axis": <int>, '
+                                    '"parts": [<tensor names>]}')
+            if name in assembled:
+                raise GraphoptError(f"model output '{name}' is assembled twice in the manifest")
+            unmade = [part for part in parts if part not in produced_by]
+            if unmade:
+                raise GraphoptError(f"manifest assembles model output '{name}' from {unmade}, which no "
+                                    "partition produces")
+            assembled.add(name)
+        missing_outputs = [t.name for t in self.outputs if t.name not in available and t.name not in assembled]
         if missing_outputs:
             raise GraphoptError(f"manifest produces no partition output for model outputs {missing_outputs}")

@@ -38,7 +38,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -162,10 +162,18 @@ class _Plan:
     successors: Mapping[int, tuple[int, ...]]
     sources: tuple[int, ...]
     uses: Mapping[str, int]
+    #: The outputs asked for; ``outputs`` lists the tensors fetched, with each output the
+    #: manifest assembles replaced by its parts.
+    requested: tuple[str, ...] = ()
+    assemble: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def _build_plan(manifest: Manifest, outputs: Sequence[str]) -> _Plan:
     """Partitions that ``outputs`` need (backwards from them), with consumer counts per tensor."""
+    requested = tuple(outputs)
+    recipes = {name: entry for name, entry in manifest.assembled().items() if name in requested}
+    outputs = list(dict.fromkeys(part for name in requested
+                                 for part in (recipes[name]["parts"] if name in recipes else [name])))
     producer = {name: part.id for part in manifest.partitions for name in part.outputs}
     graph_inputs = {t.name for t in manifest.inputs}
     unknown = [name for name in outputs if name not in producer and name not in graph_inputs]
@@ -196,7 +204,27 @@ def _build_plan(manifest: Manifest, outputs: Sequence[str]) -> _Plan:
     feeds = tuple(t.name for t in manifest.inputs if t.name in uses)
     return _Plan(outputs=tuple(outputs), feeds=feeds, partitions=order,
                  waiting={pid: len(upstream[pid]) for pid in order}, successors=successors,
-                 sources=tuple(pid for pid in order if not upstream[pid]), uses=uses)
+                 sources=tuple(pid for pid in order if not upstream[pid]), uses=uses,
+                 requested=requested, assemble=recipes)
+
+
+def _assemble(plan: _Plan, tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The outputs asked for, in order: fetched as they are, or assembled from their parts.
+
+    An assembled output is ``np.concatenate`` of its parts along the recorded axis: a copy of
+    the same values, so the result equals the unsplit model's ``Concat`` bit for bit.
+    """
+    if not plan.assemble:
+        return {name: tensors[name] for name in plan.requested}
+    result: dict[str, np.ndarray] = {}
+    for name in plan.requested:
+        recipe = plan.assemble.get(name)
+        if recipe is None:
+            result[name] = tensors[name]
+        else:
+            result[name] = np.concatenate([np.asarray(tensors[part]) for part in recipe["parts"]],
+                                          axis=int(recipe["axis"]))
+    return result
 
 
 class _Request:
@@ -424,8 +452,16 @@ def _check_row_independent(manifest: Manifest) -> None:
 
     protos = [onnx.load(str(manifest.partition_path(part)), load_external_data=False)
               for part in manifest.partitions]
-    problem = row_independence_problem(protos, [t.name for t in manifest.inputs],
-                                       [t.name for t in manifest.outputs])
+    recipes = manifest.assembled()
+    ranks = {t.name: len(t.shape) for t in manifest.outputs if t.shape is not None}
+    for name, recipe in recipes.items():
+        axis = int(recipe["axis"])
+        if axis == 0 or (name in ranks and axis == -ranks[name]):
+            raise GraphoptError(f"micro-batches would change the outputs: output '{name}' is assembled "
+                                "along axis 0; run with micro_batches=1 (--micro-batches 1)")
+    joined = [part for t in manifest.outputs
+              for part in (recipes[t.name]["parts"] if t.name in recipes else [t.name])]
+    problem = row_independence_problem(protos, [t.name for t in manifest.inputs], joined)
     if problem:
         raise GraphoptError(f"micro-batches would change the outputs: {problem}; run with "
                             "micro_batches=1 (--micro-batches 1)")
@@ -562,11 +598,11 @@ class PartitionedSession:
         checked = _check_feeds(self.manifest.inputs, feeds)
         plan = self._plan(outputs)
         if self.micro_batches == 1:
-            return self._backend.wait(self._backend.submit(checked, plan))
+            return _assemble(plan, self._backend.wait(self._backend.submit(checked, plan)))
         chunks = _split_batch(checked, self.micro_batches)
         results = list(self._stream(chunks, plan))
         sizes = [next(iter(chunk.values())).shape[0] for chunk in chunks]
-        return _join_batches(results, sizes, plan.outputs)
+        return _join_batches(results, sizes, plan.requested)
 
     def run_many(self, requests: Iterable[Mapping[str, Any]],
                  outputs: Sequence[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -616,6 +652,6 @@ class PartitionedSession:
             self._check_open()
             pending.append(self._backend.submit(feeds, plan))
             if len(pending) >= self.max_in_flight:
-                yield self._backend.wait(pending.popleft())
+                yield _assemble(plan, self._backend.wait(pending.popleft()))
         while pending:
-            yield self._backend.wait(pending.popleft())
+            yield _assemble(plan, self._backend.wait(pending.popleft()))

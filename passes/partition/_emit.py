@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -207,6 +207,23 @@ def _tensor_spec(cost: GraphCost, name: str) -> TensorSpec:
     return TensorSpec(name=name, dtype=dtype, shape=None if shape is None else list(shape))
 
 
+def _model_outputs(cost: GraphCost, assemble: Sequence[Mapping[str, Any]],
+                   output_cost: GraphCost) -> list[TensorSpec]:
+    """The model's outputs in their original order: an assembled output where its parts are."""
+    first_part = {r["parts"][0]: r for r in assemble}
+    other_parts = {part for r in assemble for part in r["parts"][1:]}
+    missing = [part for r in assemble for part in r["parts"] if part not in cost.graph_outputs]
+    if missing:
+        raise EmitError(f"assembled output parts {missing} are not outputs of the partitioned model")
+    specs: list[TensorSpec] = []
+    for name in cost.graph_outputs:
+        if name in first_part:
+            specs.append(_tensor_spec(output_cost, str(first_part[name]["output"])))
+        elif name not in other_parts:
+            specs.append(_tensor_spec(cost, name))
+    return specs
+
+
 def _cut_out(model: ir.Model, cost: GraphCost, entry: EmittedPartition) -> ir.Model:
     """Turn a fresh copy of the whole model into the partition ``entry`` describes (in place)."""
     g = model.graph
@@ -250,7 +267,9 @@ def _cut_out(model: ir.Model, cost: GraphCost, entry: EmittedPartition) -> ir.Mo
 def emit_partitions(load_model: Callable[[], ir.Model], cost: GraphCost, plan: PartitionPlan,
                     out_dir: str | os.PathLike, *, source_model: str = "",
                     meta: dict | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
-                    progress: Callable[[int, int], None] | None = None) -> Manifest:
+                    progress: Callable[[int, int], None] | None = None,
+                    assemble: Sequence[Mapping[str, Any]] = (),
+                    output_cost: GraphCost | None = None) -> Manifest:
     """Write every partition of ``plan`` into ``out_dir`` and return the (saved) manifest.
 
     Args:
@@ -263,6 +282,11 @@ def emit_partitions(load_model: Callable[[], ir.Model], cost: GraphCost, plan: P
         meta: extra entries for the manifest's ``meta``.
         external_data_bytes: partitions with more weight bytes store them externally.
         progress: called with (partitions written, partitions).
+        assemble: model outputs the runtime joins from graph outputs of ``cost``'s model after
+            the run (recipes of ``detach_output_concat``): each replaces its parts in the
+            manifest's model outputs and is recorded in the manifest's ``assemble``.
+        output_cost: the cost of the model before its output Concats were removed, for the
+            types of the assembled outputs (default: ``cost``).
 
     Raises:
         EmitError: a value crossing partitions has no known type, or a file cannot be written.
@@ -304,7 +328,9 @@ def emit_partitions(load_model: Callable[[], ir.Model], cost: GraphCost, plan: P
     cut = sum(t.bytes * len(t.targets) for t in transfers if t.source >= 0)
     manifest = Manifest(
         partitions=specs, inputs=[_tensor_spec(cost, n) for n in cost.graph_inputs],
-        outputs=[_tensor_spec(cost, n) for n in cost.graph_outputs], transfers=transfers,
+        outputs=_model_outputs(cost, assemble, output_cost or cost), transfers=transfers,
+        assemble=[{"output": str(r["output"]), "op": str(r["op"]), "axis": int(r["axis"]),
+                   "parts": [str(part) for part in r["parts"]]} for r in assemble],
         strategy=plan.strategy, source_model=source_model,
         meta={"balance": plan.balance, "dims": dict(plan.dims), "total_flops": plan.total_flops,
               "total_weight_bytes": plan.total_weight_bytes, "cut_bytes": cut,

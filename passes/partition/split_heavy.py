@@ -11,6 +11,11 @@ that holds the Concat.
 
 Must not fire: a weight that is not a private constant 2-D initializer, a Gemm with
 ``transA``, ``alpha`` or ``beta`` other than 1, fewer columns than pieces.
+
+When the joining Concat produces a graph output that no node reads, ``detach_output_concat``
+removes it: the slices become graph outputs and the returned recipe (a manifest ``assemble``
+entry) tells the runtime to concatenate them after the run. The slices must reach the caller
+anyway, so they no longer cross between partitions on their way to a Concat.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 
 from graphopt import ir
 
-__all__ = ["split_columns"]
+__all__ = ["detach_output_concat", "split_columns"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +86,42 @@ def split_columns(model: ir.Model, node: ir.Node, pieces: int) -> bool:
             g.remove_initializer(v)
     logger.debug("split-columns: %s into %d column blocks", label, pieces)
     return True
+
+
+def detach_output_concat(model: ir.Model, concat: ir.Node) -> dict[str, object] | None:
+    """Remove ``concat`` when it makes a graph output nobody reads; its inputs become graph outputs.
+
+    The parts take the output's place in the graph's output list, in order. Nothing changes
+    when the Concat's output is read by a node or listed twice, or when a part is a graph input,
+    an initializer, an output already, or repeated (the runtime could not tell them apart).
+
+    Returns:
+        The recipe ``{"output": name, "op": "concat", "axis": int, "parts": [names]}`` for the
+        manifest's ``assemble`` list, or ``None`` when nothing changed.
+
+    Example:
+        >>> detach_output_concat(model, model.graph.outputs[0].producer)  # doctest: +SKIP
+        {'output': 'logits', 'op': 'concat', 'axis': -1, 'parts': ['logits.cols0', 'logits.cols1']}
+    """
+    g = model.graph
+    if concat.op_type != "Concat" or concat.domain not in ("", "ai.onnx") or len(concat.outputs) != 1:
+        return None
+    out = concat.outputs[0]
+    positions = [k for k, v in enumerate(g.outputs) if v is out]
+    parts = list(concat.inputs)
+    if len(positions) != 1 or out.has_uses() or not parts:
+        return None
+    if any(p is None or p.producer is None or p.is_graph_output() or p.is_graph_input()
+           or p.is_initializer() for p in parts):
+        return None
+    names = [p.name for p in parts]  # type: ignore[union-attr]
+    if len(set(names)) != len(names) or out.name in names:
+        return None
+    axis_value = concat.attr("axis")
+    if not isinstance(axis_value, int) or isinstance(axis_value, bool):
+        return None
+    position = positions[0]
+    g.outputs[position:position + 1] = parts  # type: ignore[list-item]
+    g.remove(concat, force=True)
+    logger.debug("split-columns: %s assembled from %d graph outputs after the run", out.name, len(parts))
+    return {"output": out.name, "op": "concat", "axis": axis_value, "parts": names}

@@ -38,6 +38,8 @@ def run_partitions(folder: str | Path, feeds: dict[str, np.ndarray]) -> dict[str
         declared = [i.name for i in session.get_inputs()]
         assert sorted(declared) == sorted(part.inputs)
         env.update(zip(part.outputs, session.run(part.outputs, {k: env[k] for k in part.inputs})))
+    for recipe in manifest.assemble:  # outputs the caller joins from partition outputs
+        env[recipe["output"]] = np.concatenate([env[p] for p in recipe["parts"]], axis=recipe["axis"])
     return {t.name: env[t.name] for t in manifest.outputs}
 
 
