@@ -18,6 +18,7 @@ import hashlib
 import mmap
 import os
 import sys
+import threading
 import weakref
 from typing import Callable, Iterator
 
@@ -185,12 +186,21 @@ class SourceFile:
     in use would change those tensors: replace files, never rewrite them.
     """
 
-    __slots__ = ("fd", "path", "__weakref__")
+    __slots__ = ("fd", "path", "_seek_lock", "__weakref__")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        # Without os.pread (Windows) a read is a seek plus a read, which threads must not interleave.
+        self._seek_lock = None if hasattr(os, "pread") else threading.Lock()
         weakref.finalize(self, os.close, self.fd)
+
+    def _read_at(self, length: int, offset: int) -> bytes:
+        if self._seek_lock is None:
+            return os.pread(self.fd, length, offset)
+        with self._seek_lock:
+            os.lseek(self.fd, offset, os.SEEK_SET)
+            return os.read(self.fd, length)
 
     def __copy__(self) -> SourceFile:
         return self  # the file is only read: copies of a model share it (and keep it open)
@@ -205,7 +215,7 @@ class SourceFile:
         """``length`` bytes at ``offset``."""
         chunks: list[bytes] = []
         while length > 0:
-            chunk = os.pread(self.fd, min(length, 1 << 30), offset)
+            chunk = self._read_at(min(length, 1 << 30), offset)
             if not chunk:
                 raise OSError(f"'{self.path}' ended early (was it changed while in use?)")
             chunks.append(chunk)
