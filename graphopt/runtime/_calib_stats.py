@@ -23,7 +23,10 @@ From the histogram:
   ``|x|`` when symmetric), at the upper edge of the bin where the cut falls.
 - ``entropy``: TensorRT's KL-divergence search on the histogram of ``|x|``: for each candidate
   threshold, the clipped distribution (outliers added to the last bin) is compared with its
-  quantization to ``num_quantized_bins`` levels; the threshold of least divergence wins.
+  quantization to ``num_quantized_bins`` levels; the threshold of least divergence wins. The
+  first bin (the exact zeros: half of a ReLU output) takes its neighbour's count, as in
+  TensorRT's calibrator; left as is, that spike decides the search and clips at the smallest
+  candidate.
 - ``mse``: the range (the min/max range scaled by a factor in (0, 1]) that minimizes the
   expected squared error of 8-bit quantization: rounding noise ``step**2 / 12`` inside the
   range, clipping error outside it.
@@ -291,6 +294,12 @@ def _smoothed(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
 def _entropy_threshold(stats: TensorStatistics, num_quantized_bins: int) -> float:
     """TensorRT's KL-divergence threshold on the histogram of ``|x|``."""
     counts = _abs_histogram(stats).astype(np.float64)
+    # The first bin holds the exact zeros (half of a ReLU output): zero is exactly representable,
+    # so they carry no quantization error, yet spreading that spike over its quantized group
+    # dominates the divergence and drives the threshold to the smallest candidate. TensorRT's
+    # calibrator gives the first bin its neighbour's count instead.
+    if counts.size > 1:
+        counts[0] = counts[1]
     width = stats.bound / counts.size
     last = int(np.max(np.nonzero(counts)[0])) + 1 if counts.any() else 0
     if last <= num_quantized_bins:
