@@ -139,6 +139,7 @@ class SymbolicValues:
         shape = self._shape_of(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
         if shape is None and node.inputs and node.inputs[0] is not None:
             shape = _structural_shape(node.inputs[0])
+        shape = _more_precise(shape, self._constant_of_shape_dims(node.inputs[0] if node.inputs else None))
         if shape is None:
             return None
         rank = shape.rank
@@ -150,6 +151,7 @@ class SymbolicValues:
 
     def _op_Size(self, node: ir.Node) -> Optional[SymValue]:
         shape = self._shape_of(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+        shape = _more_precise(shape, self._constant_of_shape_dims(node.inputs[0] if node.inputs else None))
         if shape is None or not shape.is_static():
             return None
         return SymValue((shape.numel(),), scalar=True)
@@ -170,6 +172,21 @@ class SymbolicValues:
             return None
         ints = [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)]
         return SymValue(tuple(ints), scalar=len(tensor.shape) == 0)
+
+    def _constant_of_shape_dims(self, value: ir.Value | None) -> Optional[ir.Shape]:
+        """The shape of ``ConstantOfShape(s)``'s output: the elements of ``s``, read symbolically.
+
+        The tensor itself is never needed (it may be far too large to build). A negative
+        element (an error at run time) is unknown, so nothing computed from it folds.
+        """
+        node = value.producer if value is not None else None
+        if (node is None or not _is_default(node) or node.op_type != "ConstantOfShape"
+                or not node.inputs or node.inputs[0] is None):
+            return None
+        dims = self.get(node.inputs[0])
+        if dims is None or dims.scalar:
+            return None
+        return ir.Shape([_dim(d) for d in dims.elements])
 
     # -- element selection and assembly ----------------------------------------------------------
     def _op_Identity(self, node: ir.Node) -> Optional[SymValue]:
@@ -305,6 +322,26 @@ def _structural_shape(value: ir.Value) -> Optional[ir.Shape]:
     if len(dims) < 3:
         return None
     return ir.Shape([None, int(dims[0])] + [None] * (len(dims) - 2))
+
+
+def _more_precise(a: Optional[ir.Shape], b: Optional[ir.Shape]) -> Optional[ir.Shape]:
+    """Two facts about one shape merged, dim by dim: a known int beats a symbol beats unknown.
+
+    Facts of different ranks contradict each other (the model fails at run time): nothing is
+    known then.
+    """
+    if a is None or b is None:
+        return a if b is None else b
+    if a.rank != b.rank:
+        return None
+
+    def pick(x: ir.Dim, y: ir.Dim) -> ir.Dim:
+        x, y = _dim(x), _dim(y)
+        if isinstance(x, int) or (x is not None and not isinstance(y, int)):
+            return x
+        return y
+
+    return ir.Shape([pick(x, y) for x, y in zip(a.dims, b.dims)])
 
 
 def _dim(d: ir.Dim) -> ir.Dim:

@@ -5,7 +5,10 @@ that is not an overridable graph input, in this graph or an enclosing one) or th
 another constant node. ``Constant`` nodes are constant by construction, and so are the
 results of shape arithmetic that do not depend on symbolic dims: ``Shape`` of a value whose
 shape is static, and ``Gather``/``Slice``/``Concat``/... of ``Shape`` that select static dims
-only (see ``_symbolic``). Shapes come from ``infer-shapes``, which this pass requires.
+only (see ``_symbolic``), including ``Shape``/``Size`` of ``ConstantOfShape(s)`` read from ``s``
+(the tensor is never built). ``CastLike(c, x)`` is constant when ``c`` is and ``x``'s element
+type is known (a constant's, a graph input's, or one inference proved): it is evaluated as the
+``Cast`` it means, ``saturate`` included. Shapes come from ``infer-shapes``, which this pass requires.
 
 How a graph is folded, round after round until nothing changes:
 
@@ -243,6 +246,8 @@ class _Folder:
             if not any(o.has_uses() or id(o) in outputs for o in node.outputs):
                 continue  # dead: removing it is eliminate-dead-code's job
             reason = why_not_foldable(node, self.model)
+            if not reason and _is_cast_like(node) and _cast_like_target(node) is None:
+                reason = "the element type of CastLike's target input is not known"
             reads = _reads(node)
             constant_inputs = all(self._is_constant(v, foldable) for v in reads)
             if not reason and sym is not None and node.op_type in _SHAPE_ONLY_OPS:
@@ -550,7 +555,8 @@ class _Folder:
                     gproto.initializer.append(copy)
                 else:
                     gproto.initializer.append(tensor_proto_of(v))
-            gproto.node.append(node_to_proto(node, subgraph_proto))
+            gproto.node.append(_cast_like_as_cast(node) if _is_cast_like(node)
+                               else node_to_proto(node, subgraph_proto))
         for v in outputs:
             gproto.output.append(value_info(v.name, None))
         return model
@@ -694,8 +700,60 @@ def _tensor_types(infos: list[onnx.ValueInfoProto]) -> dict[str, ir.TensorType]:
 
 
 def _reads(node: ir.Node) -> list[Optional[ir.Value]]:
-    """What a node reads: its inputs, and what its subgraphs read from enclosing scopes."""
+    """What a node reads: its inputs, and what its subgraphs read from enclosing scopes.
+
+    ``CastLike`` reads only its first input: of the second it needs the element type, which
+    is known statically (:func:`_cast_like_target`), so ``CastLike(constant, x)`` is constant.
+    """
+    if _is_cast_like(node):
+        return [node.inputs[0]]
     return list(node.inputs) + (captured_values(node) if node.subgraphs() else [])
+
+
+def _is_cast_like(node: ir.Node) -> bool:
+    return node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and len(node.inputs) == 2
+
+
+def _cast_like_target(node: ir.Node) -> Optional[int]:
+    """The element type ``CastLike`` converts to: its second input's, where that is trusted.
+
+    A constant's and a graph input's (runtimes check inputs) are; a computed value's only when
+    shape inference proved it, never a declared output or value_info type (those may be stale).
+    """
+    target = node.inputs[1]
+    if target is None:
+        return None
+    if target.producer is None:
+        if isinstance(target.const_value, ir.Tensor):
+            return target.const_value.dtype
+        dtype = target.dtype
+    else:
+        inferred = target.meta.get(INFERRED_TYPE)
+        if target.meta.get(TYPE_CONFLICT) or not isinstance(inferred, ir.TensorType):
+            return None
+        dtype = inferred.dtype
+    return dtype if dtype not in (None, T.UNDEFINED) else None
+
+
+def _cast_like_as_cast(node: ir.Node) -> onnx.NodeProto:
+    """``CastLike(c, x)`` as the ``Cast(c)`` it means: ``to`` is ``x``'s element type.
+
+    The other attributes (``saturate`` for float8 targets, ``round_mode``) have the same names
+    and meaning on ``Cast``, which onnx defines ``CastLike`` as, so the runtime computes the
+    exact values the model would (saturation of float8 included).
+    """
+    target = _cast_like_target(node)
+    assert target is not None, "planned only with a known target type"
+    proto = onnx.NodeProto()
+    proto.op_type = "Cast"
+    if node.name:
+        proto.name = node.name
+    proto.input.append(node.inputs[0].name)  # type: ignore[union-attr]
+    proto.output.extend(v.name for v in node.outputs)
+    proto.attribute.append(onnx.helper.make_attribute("to", target))
+    for attr in node.attributes.values():
+        proto.attribute.append(attr.to_proto(None))
+    return proto
 
 
 def _top(user: ir.Node, graph: Optional[ir.Graph]) -> ir.Node:
