@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import zipfile
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -240,29 +240,53 @@ def check_feeds(session: Any, feeds: Mapping[str, Any], *, source: str = "the gi
     """
     from graphopt.runtime._session import _ORT_TYPES
 
-    declared = {inp.name: inp for inp in session.get_inputs()}
+    declared: dict[str, tuple[np.dtype | None, Sequence[Any] | None, str]] = {}
+    for inp in session.get_inputs():
+        want = _ORT_TYPES.get(inp.type)
+        dtype = None if want is None or want is np.str_ else np.dtype(want)
+        declared[inp.name] = (dtype, inp.shape, inp.type)
+    return check_feed_arrays(declared, feeds, prefix=f"{source}: ", model="the model")
+
+
+def check_feed_arrays(declared: Mapping[str, tuple[np.dtype | None, Sequence[Any] | None, str]],
+                      feeds: Mapping[str, Any], *, prefix: str = "", model: str = "the model"
+                      ) -> dict[str, np.ndarray]:
+    """Check feeds against declared inputs ``{name: (numpy dtype or None, dims or None, type text)}``.
+
+    A ``None`` dtype or dims is not checked (a type numpy cannot name, an unknown shape). Dims
+    that are non-negative ints must match exactly; other dims (symbolic, unknown) take any size.
+    ``prefix`` starts every message (e.g. the file the feeds came from); ``model`` names the
+    model in messages.
+
+    Returns:
+        The feeds, as numpy arrays, in the declared order.
+
+    Raises:
+        GraphoptError: naming the first input that is missing, unknown or of the wrong type,
+            rank or fixed size.
+    """
     extra = sorted(set(feeds) - set(declared))
     if extra:
-        raise GraphoptError(f"{source}: '{extra[0]}' is not an input of the model "
+        raise GraphoptError(f"{prefix}'{extra[0]}' is not an input of {model} "
                             f"(inputs: {', '.join(declared)})")
     missing = [name for name in declared if name not in feeds]
     if missing:
-        raise GraphoptError(f"{source}: input '{missing[0]}' is missing (the model needs: "
+        raise GraphoptError(f"{prefix}input '{missing[0]}' is missing ({model} needs: "
                             f"{', '.join(declared)})")
     checked: dict[str, np.ndarray] = {}
-    for name, inp in declared.items():
+    for name, (dtype, shape, type_text) in declared.items():
         arr = np.asarray(feeds[name])
-        want = _ORT_TYPES.get(inp.type)
-        if want is not None and want is not np.str_ and arr.dtype != np.dtype(want):
-            raise GraphoptError(f"{source}: input '{name}' is {arr.dtype} but the model expects "
-                                f"{inp.type}; convert it (array.astype(...))")
-        if len(inp.shape) != arr.ndim:
-            raise GraphoptError(f"{source}: input '{name}' has shape {list(arr.shape)} but the model "
-                                f"expects rank {len(inp.shape)} ({_shape_text(inp.shape)})")
-        for axis, (dim, size) in enumerate(zip(inp.shape, arr.shape)):
-            if isinstance(dim, int) and dim >= 0 and dim != size:
-                raise GraphoptError(f"{source}: input '{name}' has size {size} on axis {axis}, "
-                                    f"the model fixes it to {dim} ({_shape_text(inp.shape)})")
+        if dtype is not None and arr.dtype != dtype:
+            raise GraphoptError(f"{prefix}input '{name}' is {arr.dtype} but the model expects "
+                                f"{type_text}; convert it (array.astype(...))")
+        if shape is not None:
+            if len(shape) != arr.ndim:
+                raise GraphoptError(f"{prefix}input '{name}' has shape {list(arr.shape)} but the model "
+                                    f"expects rank {len(shape)} ({_shape_text(shape)})")
+            for axis, (dim, size) in enumerate(zip(shape, arr.shape)):
+                if isinstance(dim, int) and dim >= 0 and dim != size:
+                    raise GraphoptError(f"{prefix}input '{name}' has size {size} on axis {axis}, "
+                                        f"the model fixes it to {dim} ({_shape_text(shape)})")
         checked[name] = arr
     return checked
 

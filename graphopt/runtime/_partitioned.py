@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import GraphoptError
-from graphopt.runtime._inputs import ORT_LEVELS, check_provider, ort_error_text
+from graphopt.runtime._inputs import ORT_LEVELS, check_feed_arrays, check_provider, ort_error_text
 from graphopt.runtime._manifest import Manifest, PartitionSpec, TensorSpec
 
 __all__ = ["BACKENDS", "PartitionEvent", "PartitionedSession", "open_partition_session", "parse_device"]
@@ -398,35 +398,14 @@ def _check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, Any]) -> dict[
     """Check names, element types, ranks and fixed dims of feeds against the manifest's inputs."""
     if not isinstance(feeds, Mapping):
         raise GraphoptError(f"feeds must be a mapping of input name to array, not {type(feeds).__name__}")
-    declared = {spec.name: spec for spec in specs}
-    extra = sorted(set(feeds) - set(declared))
-    if extra:
-        raise GraphoptError(f"'{extra[0]}' is not an input of the partitioned model "
-                            f"(inputs: {', '.join(declared)})")
-    missing = [name for name in declared if name not in feeds]
-    if missing:
-        raise GraphoptError(f"input '{missing[0]}' is missing (the partitioned model needs: "
-                            f"{', '.join(declared)})")
-    checked: dict[str, np.ndarray] = {}
-    for name, spec in declared.items():
-        array = np.asarray(feeds[name])
+    declared: dict[str, tuple[np.dtype | None, Sequence[Any] | None, str]] = {}
+    for spec in specs:
         try:
-            want = np.dtype(spec.dtype)
+            dtype: np.dtype | None = np.dtype(spec.dtype)
         except TypeError:
-            want = None  # a type numpy does not name (bfloat16...): onnxruntime checks it
-        if want is not None and array.dtype != want:
-            raise GraphoptError(f"input '{name}' is {array.dtype} but the model expects {spec.dtype}; "
-                                "convert it (array.astype(...))")
-        if spec.shape is not None:
-            if len(spec.shape) != array.ndim:
-                raise GraphoptError(f"input '{name}' has shape {list(array.shape)} but the model "
-                                    f"expects rank {len(spec.shape)} ({spec.shape})")
-            for axis, (dim, size) in enumerate(zip(spec.shape, array.shape)):
-                if isinstance(dim, int) and dim >= 0 and dim != size:
-                    raise GraphoptError(f"input '{name}' has size {size} on axis {axis}, the model "
-                                        f"fixes it to {dim} ({spec.shape})")
-        checked[name] = array
-    return checked
+            dtype = None  # a type numpy does not name (bfloat16...): onnxruntime checks it
+        declared[spec.name] = (dtype, spec.shape, spec.dtype)
+    return check_feed_arrays(declared, feeds, model="the partitioned model")
 
 
 def _split_batch(feeds: Mapping[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
