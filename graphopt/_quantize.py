@@ -6,13 +6,19 @@ Static flow (``mode="static"``):
    into Conv, fusions, dead code) so QDQ goes around the ops that will really run;
 2. open the calibration data and set held-out samples apart for the evaluation;
 3. optionally SmoothQuant (outlier channels folded into the LayerNorm/MatMul before);
-4. calibrate (streaming; through a statistics cache when given) every tensor placement may
-   quantize, then insert QDQ around the units the target fuses;
+4. calibrate (streaming; through a statistics cache when given) the tensors the placement
+   quantizes, then insert QDQ around the units the target fuses;
 5. evaluate on held-out samples; with ``max_drop``, fall the most sensitive units back to
-   float until the drop fits the budget;
-6. open the result in onnxruntime and count the Q/DQ it left unfused; time it against the
-   float model (ORT_ENABLE_ALL, one thread) and warn loudly when it is slower;
-7. save (atomically, external data for large models) and report.
+   float until the drop fits the budget (ranges a fallback placement needs are calibrated
+   then);
+6. count the Q/DQ onnxruntime left unfused in the graph the evaluation's session optimized;
+   time the quantized model against the float model with those same sessions
+   (ORT_ENABLE_ALL, one thread) and warn loudly when it is slower;
+7. save (atomically; external data as the input had it, or when large) and report.
+
+Every model goes to onnxruntime as a file with external data (the optimized float copy, each
+quantized candidate): onnxruntime reads the weights itself, so no step copies them into
+Python or builds a protobuf over 2 GB, whatever the model's size.
 
 Other modes dispatch to the passes ``quantize-dynamic``, ``quantize-int4`` and
 ``convert-float16``.
@@ -34,7 +40,7 @@ import onnx
 
 from graphopt import ir
 from graphopt.errors import GraphoptError
-from graphopt.ir._io import ModelSource
+from graphopt.ir._io import EXTERNAL_DATA_THRESHOLD, ModelSource
 from graphopt.pipeline import PassContext, PassManager
 
 __all__ = ["MODES", "REPORT_SCHEMA", "QuantizationError", "QuantizeOutcome", "quantize"]
@@ -52,6 +58,14 @@ _AUTO_HELD_OUT_MAX = 16
 _SOLO_RANKING_MAX_UNITS = 24
 #: Speed-ups under this count as slower than float32 (timings on a shared CPU vary by ~2%).
 _SLOWER_THRESHOLD = 0.98
+#: Wall time the speed check's timed runs aim at (the float model's time per run, counted for
+#: both models; never fewer than 5 runs each).
+_SPEED_CHECK_SECONDS = 5.0
+#: Held-out samples the per-unit SQNR is measured on.
+_SQNR_SAMPLES = 4
+#: Float models with more weight bytes than this do not keep their onnxruntime session open
+#: between the reference run and the speed check (it would sit beside calibration's session).
+_KEEP_FLOAT_SESSION_BYTES = 1 << 30
 
 
 class QuantizationError(GraphoptError):
@@ -66,7 +80,8 @@ class QuantizeOutcome:
         model: the quantized ``onnx.ModelProto`` (``None`` when written to ``output``, or when
             it is over 2 GB: read it from ``output``).
         report: the JSON-ready report (schema ``graphopt.quantize/1``).
-        ir_model: the quantized model in graphopt's IR.
+        ir_model: the quantized model in graphopt's IR (read back from ``output`` when written
+            there; ``None`` when it is over 2 GB and no ``output`` was given).
         warnings: what the user must know (synthetic data, slower than float32, budget missed).
     """
 
@@ -155,7 +170,8 @@ def quantize(model: ModelSource, output: str | os.PathLike | None = None, *,
         block_size: for ``int4``.
         int4_format: ``matmulnbits`` or ``qdq`` for ``int4``.
         keep_io_types: for ``float16``/``bfloat16``: inputs and outputs stay float32.
-        external_data: with ``output``, force or forbid external data.
+        external_data: with ``output``, force or forbid external data (default: as the input
+            model stores its weights, and external when the result exceeds ~1.8 GB).
 
     Returns:
         A :class:`QuantizeOutcome` with the model and the report.
@@ -197,6 +213,7 @@ def quantize(model: ModelSource, output: str | os.PathLike | None = None, *,
     started = time.perf_counter()
     source_ir = ir.load(model)
     check_input(source_ir)
+    input_external = _uses_external_data(source_ir)
     before = model_stats(source_ir)
     opset = source_ir.opset_imports.get("", source_ir.opset_imports.get("ai.onnx", 0))
     if opset < 10 and mode == "static":
@@ -218,9 +235,14 @@ def quantize(model: ModelSource, output: str | os.PathLike | None = None, *,
             PassManager("topo-sort,infer-shapes", ctx).run(source_ir)
         fit_to_runtime(source_ir)
         float_path = os.path.join(tmp, "float.onnx")
-        ir.save(source_ir, float_path)
+        # Weights as external data, whatever the size: every later step (calibration, sessions
+        # that fetch intermediate tensors, QDQ insertion, checks) then opens the structure alone
+        # and leaves the weights in this one file, so no step copies them or builds a protobuf
+        # over 2 GB.
+        ir.save(source_ir, float_path, external_data=True)
+        runner: _Runner | None = None
         if mode == "static":
-            quant_ir, quant_path, timing_feed = _static(source_ir, float_path, tmp, rep, warnings, ctx,
+            quant_ir, quant_path, timing_feed, runner = _static(source_ir, float_path, tmp, rep, warnings, ctx,
                                            calibration=calibration, method=method, per_channel=per_channel,
                                            activation_type=activation_type, weight_type=weight_type,
                                            target=target, op_types=op_types, include=include,
@@ -239,14 +261,18 @@ def quantize(model: ModelSource, output: str | os.PathLike | None = None, *,
         after = model_stats(quant_ir)
         rep["size"] = _sizes(before.initializer_bytes, after.initializer_bytes, float_path, quant_path)
         rep["ops_after"] = dict(sorted(after.ops.items()))
-        _fusion(rep, quant_path, target, mode)
+        _fusion(rep, quant_path, target, mode, runner)
         if not (check_speed and target == "cpu"):
             rep.pop("_float_run_seconds", None)
         else:
-            _speed(rep, warnings, float_path, quant_path, dims, seed, speed_runs, timing_feed)
+            _speed(rep, warnings, float_path, quant_path, dims, seed, speed_runs, timing_feed, runner)
+        if runner is not None:
+            runner.close()
         rep["seconds"] = round(time.perf_counter() - started, 3)
+        logged = rep.pop("_logged", [])
         for w in warnings:
-            logger.warning("%s", w)
+            if w not in logged:  # said once already, where it arose
+                logger.warning("%s", w)
         if check_fusion and rep.get("fusion", {}).get("unfused", 0):
             fused = rep["fusion"]
             if report is not None:
@@ -256,17 +282,29 @@ def quantize(model: ModelSource, output: str | os.PathLike | None = None, *,
                 f"({', '.join(fused['unfused_nodes'][:3])}...); exclude those units or change "
                 "activation/weight types (see the report)")
         proto: onnx.ModelProto | None = None
+        result_ir: ir.Model | None = None
         if output is not None:
+            if external_data is None:  # as the input was, or external when too large for one file
+                external_data = input_external or after.initializer_bytes > EXTERNAL_DATA_THRESHOLD
             ir.save(quant_ir, output, external_data=external_data)
             rep["output"] = os.fspath(output)
+            result_ir = ir.load(output)  # the temporary files the model read from go away below
         else:
             try:
                 proto = ir.to_proto(quant_ir)
             except GraphoptError:
                 warnings.append("the quantized model is over 2 GB: pass output= to write it with external data")
+            else:
+                result_ir = ir.load(proto)
         if report is not None:
             _write(report, rep)
-    return QuantizeOutcome(proto, rep, quant_ir, list(warnings))
+    return QuantizeOutcome(proto, rep, result_ir, list(warnings))
+
+
+def _uses_external_data(model: ir.Model) -> bool:
+    """True when some initializer of ``model`` lives in an external data file."""
+    return any(v.const_value is not None and v.const_value.is_external()
+               for g in model.all_graphs() for v in g.initializers.values())
 
 
 def _write(path: str | os.PathLike, rep: dict[str, Any]) -> None:
@@ -310,8 +348,8 @@ def _static(float_ir: ir.Model, float_path: str, tmp: str, rep: dict[str, Any], 
             smoothquant_alpha: float | None, stats_cache: Any, progress: Any, samples: int | None,
             seed: int, dims: dict[str, int] | None, percentile: float, pairs: str,
             reduce_range: bool | None, activation_matmul: bool
-            ) -> tuple[ir.Model, str, dict[str, np.ndarray] | None]:
-    from graphopt.passes.quant.calibration import calibrate_model, calibration_tensors
+            ) -> tuple[ir.Model, str, dict[str, np.ndarray] | None, _Runner]:
+    from graphopt.passes.quant.calibration import calibrate_model, placement_tensors
     from graphopt.passes.quant.placement import PlacementConfig, plan_placement
     from graphopt.passes.quant.smoothquant import smooth_quant
     from graphopt.runtime import open_calibration_data, split_held_out
@@ -332,8 +370,12 @@ def _static(float_ir: ir.Model, float_path: str, tmp: str, rep: dict[str, Any], 
     light = onnx.load(float_path, load_external_data=False)
     source = open_calibration_data(calibration, model=light, samples=samples, seed=seed, dims=dims)
     if source.synthetic:
-        warnings.append("calibrated on synthetic (random) inputs: accuracy is not assured; give real "
-                        "calibration data")
+        # open_calibration_data logged it already: the report and the outcome carry it, the log
+        # says it once.
+        synthetic_warning = ("calibrated on synthetic (random) inputs: accuracy is not assured; give "
+                             "real calibration data")
+        warnings.append(synthetic_warning)
+        rep.setdefault("_logged", []).append(synthetic_warning)
     total = len(source)
     held: list[dict[str, np.ndarray]]
     evaluation_on = "held-out samples"
@@ -349,8 +391,13 @@ def _static(float_ir: ir.Model, float_path: str, tmp: str, rep: dict[str, Any], 
                           "samples": len(calib_source), "held_out": len(held) if evaluation_on.startswith("held") else 0,
                           "evaluation_on": evaluation_on, "method": method,
                           **({"percentile": percentile} if method == "percentile" else {})}
+    from graphopt.analysis import model_stats
+
+    runner = _Runner(float_path, tmp, keep_float=model_stats(float_ir).initializer_bytes <= _KEEP_FLOAT_SESSION_BYTES)
+    if held:
+        runner.float_session()  # opened before the clock starts: the runs alone are timed
     t0 = time.perf_counter()
-    reference = _run(float_path, held, source=True) if held else []
+    reference = runner.reference(held) if held else []
     if held:  # one float run's time bounds how many timed runs the speed check can afford
         rep["_float_run_seconds"] = (time.perf_counter() - t0) / len(held)
     if smoothquant_alpha is not None:
@@ -359,17 +406,20 @@ def _static(float_ir: ir.Model, float_path: str, tmp: str, rep: dict[str, Any], 
         ir.save(float_ir, float_path)
         float_ir = ir.load(float_path)
         PassManager("infer-shapes", PassContext()).run(float_ir)
-    tensors = calibration_tensors(float_ir, target)
+    # Only the tensors this placement quantizes are observed (the session fetches nothing else);
+    # a fallback that needs another range calibrates it then (_Ranges).
+    tensors = placement_tensors(float_ir, config)
 
     def calib_progress(done: int, total_runs: int | None) -> None:
         if progress is not None:
             progress("calibrating", done, total_runs)
 
+    cache = os.fspath(stats_cache) if stats_cache else None
     result = calibrate_model(float_path, tensors, calib_source, method=method, percentile=percentile,
-                             cache=os.fspath(stats_cache) if stats_cache else None, progress=calib_progress)
-    rep["calibration"]["tensors"] = len(result.ranges)
-    evaluate = _evaluator(metric, reference)
-    build = _Builder(float_path, tmp, result, config, pairs, reduce_range)
+                             cache=cache, progress=calib_progress)
+    ranges = _Ranges(result, float_path, calib_source, method, percentile, cache)
+    evaluate = _evaluator(metric, reference, runner)
+    build = _Builder(float_path, tmp, ranges, config, pairs, reduce_range)
     quant_ir, quant_path, emission = build(())
     drop = evaluate(quant_path, held) if held else None
     fallbacks: list[dict[str, Any]] = []
@@ -386,23 +436,66 @@ def _static(float_ir: ir.Model, float_path: str, tmp: str, rep: dict[str, Any], 
     rep["tensors"] = emission.tensors
     rep["weights"] = emission.weights
     rep["fallbacks"] = fallbacks
-    sqnr = _unit_sqnr(float_path, quant_path, emission.unit_outputs, held[:4]) if held else {}
+    rep["calibration"]["tensors"] = len(ranges.result.ranges)
+    sqnr = _unit_sqnr(float_path, quant_path, emission.unit_outputs, held[:_SQNR_SAMPLES]) if held else {}
     rep["units"] = _unit_rows(emission, sqnr, fallbacks)
     rep["qdq_nodes"] = {"quantize": emission.quantize_nodes, "dequantize": emission.dequantize_nodes}
     if held:
-        cand = _run(quant_path, held)
+        cand = evaluate.outputs(quant_path, held)  # the run that measured the drop, not another
         rep["accuracy"] = _accuracy(reference, cand, metric, drop, max_drop, evaluate.label)
         if max_drop is not None and drop is not None and drop > max_drop:
             warnings.append(f"accuracy budget not met: {evaluate.label} drop {drop:.4g} > {max_drop:g} "
                             "with every rankable unit in float")
     timing_feed = held[0] if held else next(iter(calib_source), None)
-    return quant_ir, quant_path, timing_feed
+    return quant_ir, quant_path, timing_feed, runner
+
+
+class _Ranges:
+    """Calibrated ranges that grow on demand.
+
+    Calibration observes only the tensors the requested placement quantizes. A fallback's
+    placement (units excluded, or one unit alone while ranking) can quantize a tensor that was
+    not observed, e.g. the output of a pass-through op whose unit is left out: such ranges are
+    calibrated when first needed, all missing ones in one more pass over the data.
+    """
+
+    def __init__(self, result: Any, float_path: str, source: Any, method: str, percentile: float,
+                 cache: str | None) -> None:
+        self.result = result
+        self.float_path = float_path
+        self.source = source
+        self.method = method
+        self.percentile = percentile
+        self.cache = cache
+
+    def ensure(self, names: Iterable[str]) -> None:
+        """Calibrate those of ``names`` that have no range yet."""
+        from graphopt.passes.quant.calibration import calibrate_model
+
+        missing = [n for n in dict.fromkeys(names) if n not in self.result.ranges]
+        if not missing:
+            return
+        logger.info("calibrating %d more tensor(s) for a fallback placement", len(missing))
+        extra = calibrate_model(self.float_path, missing, self.source, method=self.method,
+                                percentile=self.percentile)
+        if extra.samples == self.result.samples:
+            self.result = self.result.merged(extra)
+        else:  # the first ranges came from a cache of other data: calibrate all on this data
+            self.result = calibrate_model(self.float_path, [*self.result.ranges, *missing], self.source,
+                                          method=self.method, percentile=self.percentile)
+        if self.cache:
+            self.result.save(self.cache)
+
+    def range(self, name: str) -> tuple[float, float]:
+        """``(rmin, rmax)`` of ``name``, calibrated now if needed."""
+        self.ensure([name])
+        return self.result.range(name)
 
 
 class _Builder:
     """Builds a quantized copy of the float model with some units excluded."""
 
-    def __init__(self, float_path: str, tmp: str, result: Any, config: Any, pairs: str,
+    def __init__(self, float_path: str, tmp: str, result: _Ranges, config: Any, pairs: str,
                  reduce_range: bool | None) -> None:
         from graphopt.passes.quant._qparams import cpu_has_vnni
 
@@ -419,18 +512,144 @@ class _Builder:
         from dataclasses import replace
 
         from graphopt.passes.quant.insert_qdq import insert_qdq
+        from graphopt.passes.quant.placement import plan_placement
         from graphopt.runtime import fit_to_runtime
 
         model = ir.load(self.float_path)
         PassManager("infer-shapes", PassContext()).run(model)  # placement reads value types
         config = replace(self.config, exclude=tuple(self.config.exclude) + tuple(excluded),
                          include=tuple(only) if only is not None else self.config.include)
+        self.result.ensure(plan_placement(model, config).tensor_names())  # one pass for all missing
         emission = insert_qdq(model, self.result, config, reduce_range=self.reduce_range, pairs=self.pairs)
         fit_to_runtime(model)
         self.count += 1
         path = os.path.join(self.tmp, f"quant{self.count}.onnx")
-        ir.save(model, path)
+        if self.count > 1:  # an earlier candidate's weights: no longer needed
+            _remove_model(os.path.join(self.tmp, f"quant{self.count - 1}.onnx"))
+        ir.save(model, path, external_data=True)
         return model, path, emission
+
+
+def _remove_model(path: str) -> None:
+    for name in (path, path + ".data"):
+        if os.path.exists(name):
+            os.unlink(name)
+
+
+class _Runner:
+    """onnxruntime sessions the static flow shares, each opened once.
+
+    The float model's session (``ORT_ENABLE_ALL``, one thread) gives the reference outputs and
+    then the float side of the speed check. The session of the quantized candidate being
+    evaluated gives its outputs, the graph onnxruntime optimized it into (written as the
+    session is made: the fusion check reads it) and the quantized side of the speed check. A
+    float model over ``_KEEP_FLOAT_SESSION_BYTES`` of weights does not keep its session
+    between those uses, to bound memory.
+    """
+
+    def __init__(self, float_path: str, tmp: str, *, keep_float: bool) -> None:
+        self.float_path = float_path
+        self.tmp = tmp
+        self.keep_float = keep_float
+        self._float: Any = None
+        #: (model path, session, optimized graph path or None)
+        self._quant: tuple[str, Any, str | None] | None = None
+        self._count = 0
+
+    def float_session(self) -> Any:
+        """The float model's session (opened now if needed)."""
+        from graphopt.runtime import session_on_file
+
+        if self._float is None:
+            self._float = session_on_file(self.float_path, optimize=True)
+        return self._float
+
+    def reference(self, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+        """The float model's outputs on ``feeds`` (a failure names the data as the likely cause)."""
+        outputs = _session_outputs(self.float_session(), feeds, source=True)
+        if not self.keep_float:
+            self._float = None
+        return outputs
+
+    def quant_session(self, path: str, *, graph: bool = True) -> Any:
+        """The session of the quantized model ``path``; with ``graph``, its optimized graph is
+        written too (for :meth:`fusion`)."""
+        from graphopt.runtime import session_on_file
+
+        if self._quant is not None and self._quant[0] == path and (self._quant[2] or not graph):
+            return self._quant[1]
+        self._drop_quant()
+        optimized = None
+        if graph:
+            self._count += 1
+            folder = os.path.join(self.tmp, f"optimized{self._count}")
+            os.makedirs(folder)
+            optimized = os.path.join(folder, "optimized.onnx")
+        session = session_on_file(path, optimize=True, optimized_model_path=optimized)
+        self._quant = (path, session, optimized)
+        return session
+
+    def fusion(self, path: str) -> Any:
+        """What onnxruntime fused in the quantized model ``path`` (its session's optimized graph)."""
+        from graphopt.runtime import fusion_report
+
+        self.quant_session(path, graph=True)
+        _, _, optimized = self._quant or (None, None, None)
+        if optimized is None:
+            raise GraphoptError(f"onnxruntime wrote no optimized graph for '{path}'")
+        return fusion_report(optimized)
+
+    def time(self, path: str, feed: dict[str, np.ndarray], warmup: int, runs: int
+             ) -> tuple[list[float], list[float]]:
+        """Latencies of the float and the quantized model on ``feed``, timed interleaved."""
+        sessions = [self.float_session(), self.quant_session(path)]
+        feeds = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
+        for _ in range(warmup):
+            for session, f in zip(sessions, feeds):
+                session.run(None, f)
+        latencies: list[list[float]] = [[], []]
+        clock = time.perf_counter
+        for r in range(runs):
+            for k in range(2):
+                i = (r + k) % 2  # alternate which model runs first
+                t0 = clock()
+                sessions[i].run(None, feeds[i])
+                latencies[i].append(clock() - t0)
+        return latencies[0], latencies[1]
+
+    def _drop_quant(self) -> None:
+        if self._quant is not None and self._quant[2] is not None:
+            import shutil
+
+            shutil.rmtree(os.path.dirname(self._quant[2]), ignore_errors=True)
+        self._quant = None
+
+    def close(self) -> None:
+        """Release the sessions."""
+        self._float = None
+        self._drop_quant()
+
+
+def _session_outputs(session: Any, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str] | None = None,
+                     *, source: bool = False) -> list[dict[str, Any]]:
+    """Outputs (``names``, default all) of ``session`` per feed; with ``source`` (the user's float
+    model), a failure to run is the data's fault and becomes a one-line :class:`GraphoptError`."""
+    from graphopt.runtime._inputs import ort_error_text
+
+    names = list(names) if names is not None else [o.name for o in session.get_outputs()]
+    wanted = {i.name for i in session.get_inputs()}
+    results = []
+    for feed in feeds:
+        try:
+            values = session.run(names, {k: v for k, v in feed.items() if k in wanted})
+        except Exception as exc:  # onnxruntime's errors share no base class
+            if not source:
+                raise
+            raise GraphoptError(f"onnxruntime cannot run the float model on the sample inputs: "
+                                f"{ort_error_text(exc)} (check the calibration data's shapes; symbolic "
+                                "dims take --dim NAME=SIZE)") from None
+        results.append(dict(zip(names, values)))
+    return results
 
 
 def _run(path: str, feeds: Sequence[dict[str, np.ndarray]], extra: Sequence[str] = (), *,
@@ -456,22 +675,39 @@ def _flat(outputs: list[dict[str, Any]]) -> list[np.ndarray]:
 
 
 class _Evaluation:
-    """``drop(quantized model path, feeds)`` for the chosen metric."""
+    """``drop(quantized model path, feeds)`` for the chosen metric.
 
-    def __init__(self, fn: Callable[[list[dict[str, Any]]], float], label: str) -> None:
+    The outputs of the latest evaluation are kept: the report's accuracy reads them instead of
+    running the model again.
+    """
+
+    def __init__(self, fn: Callable[[list[dict[str, Any]]], float], label: str, runner: _Runner) -> None:
         self.fn = fn
         self.label = label
+        self.runner = runner
+        self._last: tuple[str, int, list[dict[str, Any]]] | None = None
 
-    def __call__(self, path: str, feeds: Sequence[dict[str, np.ndarray]]) -> float:
-        return float(self.fn(_run(path, feeds)))
+    def __call__(self, path: str, feeds: Sequence[dict[str, np.ndarray]], *, candidate: bool = True) -> float:
+        """The drop of the model at ``path``; ``candidate=False`` for a model that is only ranked
+        (its optimized graph is not needed for the fusion check)."""
+        return float(self.fn(self.outputs(path, feeds, graph=candidate)))
+
+    def outputs(self, path: str, feeds: Sequence[dict[str, np.ndarray]], *, graph: bool = True
+                ) -> list[dict[str, Any]]:
+        """The outputs of the quantized model ``path`` on ``feeds`` (run once per model)."""
+        if self._last is not None and self._last[:2] == (path, id(feeds)):
+            return self._last[2]
+        outputs = _session_outputs(self.runner.quant_session(path, graph=graph), feeds)
+        self._last = (path, id(feeds), outputs)
+        return outputs
 
 
-def _evaluator(metric: Any, reference: list[dict[str, Any]]) -> _Evaluation:
+def _evaluator(metric: Any, reference: list[dict[str, Any]], runner: _Runner) -> _Evaluation:
     from graphopt.runtime import load_metric, output_similarity
 
     if metric is None or metric == "cosine":
         return _Evaluation(lambda cand: 1.0 - float(output_similarity(_flat(reference), _flat(cand))["cosine"]),
-                           "cosine")
+                           "cosine", runner)
     if metric == "top1":
         def top1(cand: list[dict[str, Any]]) -> float:
             agreement = output_similarity(_flat(reference), _flat(cand))["top1_agreement"]
@@ -479,13 +715,13 @@ def _evaluator(metric: Any, reference: list[dict[str, Any]]) -> _Evaluation:
                 raise GraphoptError("metric 'top1' needs outputs with a class axis; use 'cosine' or a "
                                     "module:function metric")
             return 100.0 * (1.0 - float(agreement))
-        return _Evaluation(top1, "top-1 points")
+        return _Evaluation(top1, "top-1 points", runner)
     fn = load_metric(metric) if isinstance(metric, str) else metric
     if not callable(fn):
         raise GraphoptError(f"metric {metric!r} is not callable; give 'cosine', 'top1' or module:function")
     baseline = float(fn(reference, reference))
     name = metric if isinstance(metric, str) else getattr(fn, "__name__", "metric")
-    return _Evaluation(lambda cand: baseline - float(fn(reference, cand)), str(name))
+    return _Evaluation(lambda cand: baseline - float(fn(reference, cand)), str(name), runner)
 
 
 def _fall_back(build: _Builder, evaluate: _Evaluation, held: list[dict[str, np.ndarray]],
@@ -499,7 +735,7 @@ def _fall_back(build: _Builder, evaluate: _Evaluation, held: list[dict[str, np.n
         how = f"{evaluate.label} drop with only this unit quantized"
         for unit in rankable:
             _, path, _ = build((), only=(unit.id,))
-            scores[unit.id] = evaluate(path, held)
+            scores[unit.id] = evaluate(path, held, candidate=False)
         order = sorted(rankable, key=lambda u: -scores[u.id])
     else:
         how = ("noise-to-signal ratio the unit adds in the fully quantized model (its output's "
@@ -508,7 +744,7 @@ def _fall_back(build: _Builder, evaluate: _Evaluation, held: list[dict[str, np.n
         tensors = dict(emission.unit_outputs)
         for uid, names in emission.unit_inputs.items():
             tensors.update({f"{uid}\0in{i}": name for i, name in enumerate(names)})
-        sqnr = _unit_sqnr(build.float_path, first_path, tensors, held[:4])
+        sqnr = _unit_sqnr(build.float_path, first_path, tensors, held[:_SQNR_SAMPLES])
 
         def nsr(key: str) -> float:
             return 10.0 ** (-sqnr.get(key, float("inf")) / 10.0)
@@ -550,23 +786,32 @@ def _num(x: float) -> float | str:
 
 def _unit_sqnr(float_path: str, quant_path: str, unit_outputs: dict[str, str],
                feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
-    """SQNR (dB) of each unit's float output: quantized model against float model."""
+    """SQNR (dB) of each unit's float output: quantized model against float model.
+
+    Both models run without onnxruntime's optimizations (every requested tensor exists as
+    written), one sample at a time: signal and noise are summed as they come, so memory holds
+    one sample's tensors, not all of them.
+    """
+    from graphopt.runtime import session_on_file
+
     if not unit_outputs or not feeds:
         return {}
     names = sorted(set(unit_outputs.values()))
-    ref = _run(float_path, feeds, names)
-    cand = _run(quant_path, feeds, names)
-    out: dict[str, float] = {}
-    for uid, name in unit_outputs.items():
-        signal = noise = 0.0
-        for r, c in zip(ref, cand):
-            if name in r and name in c:
-                a = np.asarray(r[name], np.float64)
-                b = np.asarray(c[name], np.float64)
-                signal += float((a * a).sum())
-                noise += float(((a - b) ** 2).sum())
-        out[uid] = float("inf") if noise == 0 else 10.0 * math.log10(max(signal, 1e-30) / noise)
-    return out
+    ref_session = session_on_file(float_path, names)
+    cand_session = session_on_file(quant_path, names)
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    for feed in feeds:
+        ref = _session_outputs(ref_session, [feed], names)[0]
+        cand = _session_outputs(cand_session, [feed], names)[0]
+        for name in names:
+            a = np.asarray(ref[name], np.float64)
+            b = np.asarray(cand[name], np.float64)
+            signal[name] += float((a * a).sum())
+            noise[name] += float(((a - b) ** 2).sum())
+        del ref, cand
+    return {uid: float("inf") if noise[name] == 0 else 10.0 * math.log10(max(signal[name], 1e-30) / noise[name])
+            for uid, name in unit_outputs.items()}
 
 
 def _unit_rows(emission: Any, sqnr: dict[str, float], fallbacks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -678,10 +923,11 @@ def _lowp_accuracy(rep: dict[str, Any], warnings: list[str], float_path: str, qu
                         "on random inputs): check it on real data before use")
 
 
-def _fusion(rep: dict[str, Any], quant_path: str, target: str, mode: str) -> None:
+def _fusion(rep: dict[str, Any], quant_path: str, target: str, mode: str, runner: _Runner | None = None) -> None:
     from graphopt.runtime import check_fusion
 
-    report = check_fusion(quant_path, target=target)
+    # Static mode reads the graph its evaluation session wrote (no second session of the model).
+    report = runner.fusion(quant_path) if runner is not None else check_fusion(quant_path, target=target)
     rep["fusion"] = report.to_dict()
     if report.unfused:
         msg = (f"onnxruntime left {report.unfused} Q/DQ node(s) unfused (each costs time): "
@@ -690,23 +936,32 @@ def _fusion(rep: dict[str, Any], quant_path: str, target: str, mode: str) -> Non
 
 
 def _speed(rep: dict[str, Any], warnings: list[str], float_path: str, quant_path: str,
-           dims: dict[str, int] | None, seed: int, runs: int, feed: dict[str, np.ndarray] | None) -> None:
+           dims: dict[str, int] | None, seed: int, runs: int, feed: dict[str, np.ndarray] | None,
+           runner: _Runner | None = None) -> None:
     from graphopt.runtime import bench_models
 
     estimate = rep.pop("_float_run_seconds", None)
-    if estimate:  # about 10 s of timing at most: large models get fewer (still interleaved) runs
-        runs = int(min(runs, max(5, 5.0 / max(estimate, 1e-6))))
-    # A real sample when there is one: generated ids can fall outside an embedding table.
-    fb, qb = bench_models([float_path, quant_path], threads=1, level="all", warmup=max(3, runs // 10),
-                          runs=max(runs, 5), dims=None if feed is not None else dims, seed=seed,
-                          memory=False, feeds=feed)
-    speedup = fb.p50 / qb.p50 if qb.p50 > 0 else float("inf")
+    if estimate:  # large models get fewer (still interleaved) runs, at least 5 of each
+        runs = int(min(runs, max(5, _SPEED_CHECK_SECONDS / (2 * max(estimate, 1e-6)))))
+    runs = max(runs, 5)
+    warmup = max(3, runs // 10)
+    if runner is not None and feed is not None:
+        # The sessions that computed the accuracy (the settings of bench_models: ORT_ENABLE_ALL,
+        # one thread), already warm when the float one was kept.
+        float_lat, quant_lat = runner.time(quant_path, feed, 1 if runner.keep_float else warmup, runs)
+        float_s, quant_s = float(np.percentile(float_lat, 50)), float(np.percentile(quant_lat, 50))
+    else:
+        # A real sample when there is one: generated ids can fall outside an embedding table.
+        fb, qb = bench_models([float_path, quant_path], threads=1, level="all", warmup=warmup, runs=runs,
+                              dims=None if feed is not None else dims, seed=seed, memory=False, feeds=feed)
+        float_s, quant_s = fb.p50, qb.p50
+    speedup = float_s / quant_s if quant_s > 0 else float("inf")
     slower = speedup < _SLOWER_THRESHOLD
-    rep["latency"] = {"float_ms": round(fb.p50 * 1e3, 4), "quantized_ms": round(qb.p50 * 1e3, 4),
-                      "speedup": round(speedup, 3), "slower": slower, "runs": max(runs, 5),
+    rep["latency"] = {"float_ms": round(float_s * 1e3, 4), "quantized_ms": round(quant_s * 1e3, 4),
+                      "speedup": round(speedup, 3), "slower": slower, "runs": runs,
                       "threads": 1, "level": "ORT_ENABLE_ALL"}
     if slower:
         warnings.append(f"SLOWER THAN FLOAT32: the quantized model runs at {speedup:.2f}x the float32 "
-                        f"latency ({qb.p50 * 1e3:.3f} ms vs {fb.p50 * 1e3:.3f} ms, onnxruntime CPU, 1 "
+                        f"latency ({quant_s * 1e3:.3f} ms vs {float_s * 1e3:.3f} ms, onnxruntime CPU, 1 "
                         "thread); Q/DQ overhead outweighs the integer kernels here: keep the float "
                         "model, or quantize only the large MatMul/Conv units (op_types/include)")

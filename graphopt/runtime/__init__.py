@@ -27,15 +27,15 @@ __all__ += ["MANIFEST_FORMAT", "MANIFEST_NAME", "Manifest", "PartitionSpec", "Te
 
 from graphopt.runtime._calib_data import CalibrationSource, open_calibration_data, split_held_out
 from graphopt.runtime._calib_stats import TensorStatistics
-from graphopt.runtime._calibration import CalibrationResult, calibrate
+from graphopt.runtime._calibration import CalibrationResult, calibrate, session_on_file
 from graphopt.runtime._similarity import load_metric, output_similarity
 
 __all__ += ["CalibrationSource", "open_calibration_data", "split_held_out", "TensorStatistics",
-            "CalibrationResult", "calibrate", "load_metric", "output_similarity"]
+            "CalibrationResult", "calibrate", "session_on_file", "load_metric", "output_similarity"]
 
-from graphopt.runtime._fusion_check import INTEGER_KERNELS, FusionReport, check_fusion
+from graphopt.runtime._fusion_check import INTEGER_KERNELS, FusionReport, check_fusion, fusion_report
 
-__all__ += ["INTEGER_KERNELS", "FusionReport", "check_fusion"]
+__all__ += ["INTEGER_KERNELS", "FusionReport", "check_fusion", "fusion_report"]
 
 from graphopt.runtime._partitioned import BACKENDS, PartitionedSession, PartitionEvent
 

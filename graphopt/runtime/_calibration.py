@@ -40,12 +40,13 @@ from graphopt.runtime._calib_stats import (
 )
 from graphopt.runtime._inputs import ort_error_text
 
-__all__ = ["CACHE_FORMAT", "CalibrationResult", "calibrate", "model_digest", "output_critical_tensors"]
+__all__ = ["CACHE_FORMAT", "CalibrationResult", "calibrate", "model_digest", "output_critical_tensors",
+           "session_on_file"]
 
 logger = logging.getLogger(__name__)
 
 #: Version of the statistics cache file.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 #: Default bound on the bytes of requested tensors fetched by one run.
 DEFAULT_GROUP_BYTES = 256 << 20
@@ -67,21 +68,79 @@ def _copy_fields(src: Any, dst: Any, skip: str) -> None:
             setattr(dst, field.name, value)
 
 
-def model_digest(model: onnx.ModelProto) -> str:
-    """SHA-256 of the model: its structure, then each initializer in turn.
+#: Bytes of external data hashed per read: the digest of a large model never holds a whole tensor.
+_DIGEST_CHUNK = 1 << 20
 
-    Serializing the initializers one at a time keeps the transient copy to one tensor instead
-    of the whole model (a BERT-base model would otherwise need another 440 MB).
+
+def _external_file(tensor: onnx.TensorProto, base_dir: str | None) -> tuple[str, int, int | None]:
+    """``(path, offset, length)`` of an external tensor, resolved inside ``base_dir``."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    folder = os.path.realpath(base_dir or ".")
+    path = os.path.realpath(os.path.join(folder, location))
+    if not location or os.path.isabs(location) or os.path.commonpath([folder, path]) != folder:
+        raise GraphoptError(f"tensor '{tensor.name}' points to external data '{location}' outside the "
+                            "model's folder; keep the data file next to the model")
+    if not os.path.isfile(path):
+        raise GraphoptError(f"external data '{location}' of tensor '{tensor.name}' is missing; keep the "
+                            "data file next to the model")
+    length = info.get("length")
+    return path, int(info.get("offset", 0) or 0), int(length) if length else None
+
+
+def _tensor_data_chunks(tensor: onnx.TensorProto, base_dir: str | None) -> Iterable[bytes]:
+    """The tensor's data as its raw little-endian encoding, in chunks (read from the file if external).
+
+    External data holds exactly what ``raw_data`` would hold, so a model digests the same
+    whether its weights are inline or beside it.
     """
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        path, offset, length = _external_file(tensor, base_dir)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            left = length if length is not None else os.path.getsize(path) - offset
+            while left > 0:
+                chunk = f.read(min(_DIGEST_CHUNK, left))
+                if not chunk:
+                    raise GraphoptError(f"external data of tensor '{tensor.name}' is truncated")
+                left -= len(chunk)
+                yield chunk
+    elif tensor.HasField("raw_data"):
+        yield tensor.raw_data
+    else:  # typed fields (float_data, ...): small tensors written by hand
+        data = onnx.TensorProto()
+        data.CopyFrom(tensor)
+        data.ClearField("name")
+        yield data.SerializeToString(deterministic=True)
+
+
+def model_digest(model: onnx.ModelProto | str | os.PathLike, *, base_dir: str | None = None) -> str:
+    """SHA-256 of the model: its structure, then each initializer's data in turn.
+
+    Args:
+        model: a ``ModelProto`` or a model file (its weights are streamed from the file, never
+            loaded whole: models over 2 GB digest in constant memory).
+        base_dir: where a ``ModelProto``'s external data lives (default: the current folder).
+
+    The digest is the same whether the weights are inline or external data, so a statistics
+    cache made on a model file matches the same model given as a ``ModelProto``.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        base_dir = os.path.dirname(os.path.abspath(path))
+        model = _read_light(path)
     digest = hashlib.sha256()
     shell = onnx.ModelProto()
     _copy_fields(model, shell, "graph")
     graph = onnx.GraphProto()
     _copy_fields(model.graph, graph, "initializer")
+    for tensor in model.graph.initializer:  # the header of each tensor: name, type, shape
+        graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
     digest.update(shell.SerializeToString(deterministic=True))
     digest.update(graph.SerializeToString(deterministic=True))
     for tensor in model.graph.initializer:
-        digest.update(tensor.SerializeToString(deterministic=True))
+        for chunk in _tensor_data_chunks(tensor, base_dir):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -149,6 +208,22 @@ class CalibrationResult:
         return CalibrationResult(method=method, samples=self.samples, model_digest=self.model_digest,
                                  stats=self.stats, params=merged, minmax_tensors=self.minmax_tensors)
 
+    def merged(self, other: CalibrationResult) -> CalibrationResult:
+        """This result with the tensors of ``other`` added (same model and samples), in this method.
+
+        Lets a caller calibrate the tensors it needs first and add others later (one more pass
+        over the data for those only).
+
+        Raises:
+            GraphoptError: ``other`` was made for another model or another number of samples.
+        """
+        if other.model_digest != self.model_digest or other.samples != self.samples:
+            raise GraphoptError(f"cannot merge calibration results of different models or sample counts "
+                                f"({self.samples} and {other.samples} samples); calibrate them together")
+        return CalibrationResult(method=self.method, samples=self.samples, model_digest=self.model_digest,
+                                 stats={**self.stats, **{k: v for k, v in other.stats.items() if k not in self.stats}},
+                                 params=self.params, minmax_tensors=self.minmax_tensors | other.minmax_tensors)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics to an ``.npz`` cache (atomically; no pickled objects)."""
         path = os.fspath(path)
@@ -197,7 +272,8 @@ class CalibrationResult:
             raise GraphoptError(f"calibration cache '{path}' has format {meta.get('format')}, this graphopt "
                                 f"reads format {CACHE_FORMAT}; delete it and calibrate again")
         if model is not None:
-            digest = model_digest(_load_model(model))
+            digest = (model_digest(model) if isinstance(model, (str, os.PathLike))
+                      else model_digest(_load_model(model)))
             if digest != meta["model_digest"]:
                 raise GraphoptError(f"calibration cache '{path}' was made for another model (digest "
                                     f"{meta['model_digest'][:12]}, this model {digest[:12]}); delete it "
@@ -211,22 +287,89 @@ class CalibrationResult:
 
 
 # -- running ------------------------------------------------------------------------------------------
+def _read_light(path: str) -> onnx.ModelProto:
+    """The model file at ``path`` without reading its external data (inline weights are read)."""
+    if not os.path.isfile(path):
+        raise GraphoptError(f"model file '{path}' does not exist")
+    try:
+        return onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf and onnx raise several types for a bad file
+        raise GraphoptError(f"cannot read model '{path}': {exc}") from None
+
+
 def _load_model(model: Any) -> onnx.ModelProto:
+    """A ``ModelProto`` of ``model``; a path is read without its external data."""
     if isinstance(model, onnx.ModelProto):
         return model
     if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        if not os.path.isfile(path):
-            raise GraphoptError(f"model file '{path}' does not exist")
-        try:
-            return onnx.load(path)
-        except Exception as exc:  # protobuf and onnx raise several types for a bad file
-            raise GraphoptError(f"cannot read model '{path}': {exc}") from None
+        return _read_light(os.fspath(model))
     from graphopt import ir
 
     if isinstance(model, ir.Model):
         return ir.to_proto(model)
     raise GraphoptError(f"cannot calibrate a {type(model).__name__}; give an onnx.ModelProto or a path")
+
+
+def session_on_file(path: str | os.PathLike, outputs: Sequence[str] | None = None, *,
+                    extra_outputs: Sequence[str] = (), optimize: bool = False, threads: int = 1,
+                    optimized_model_path: str | None = None) -> Any:
+    """An onnxruntime session on the model file ``path``, with ``outputs`` as its outputs.
+
+    With other outputs than the graph's, the model's structure is read without its external
+    data and handed over as bytes, and onnxruntime reads the external data itself from the
+    model's folder; otherwise onnxruntime opens the file. Either way the weights are never
+    read into Python: models over 2 GB work, and asking for intermediate tensors costs no copy
+    of the weights (for a model with external data).
+
+    Args:
+        path: the model file.
+        outputs: tensor names to fetch instead of the graph outputs (graph outputs among them
+            keep their declared types); ``None`` keeps the graph outputs.
+        extra_outputs: tensor names fetched after the outputs.
+        optimize: onnxruntime graph optimizations (``ORT_ENABLE_ALL``) instead of none.
+        threads: intra-op threads.
+        optimized_model_path: also write onnxruntime's optimized graph there (weights as
+            external data in ``optimized.data`` beside it), e.g. to count fused kernels.
+
+    Raises:
+        GraphoptError: a missing or unreadable file, or a model onnxruntime refuses.
+
+    Example:
+        >>> session = session_on_file("model.onnx", ["conv1_out"])  # doctest: +SKIP
+        >>> conv1 = session.run(None, feed)[0]  # doctest: +SKIP
+    """
+    import onnxruntime as ort
+
+    from graphopt.runtime._session import max_ir_version
+
+    path = os.fspath(path)
+    light = _read_light(path)
+    wanted = [o.name for o in light.graph.output] if outputs is None else list(outputs)
+    wanted += [name for name in extra_outputs if name not in wanted]
+    as_is = (wanted == [o.name for o in light.graph.output] and light.ir_version <= max_ir_version())
+    by_name = {o.name: o for o in light.graph.output}
+    del light.graph.output[:]
+    for name in wanted:
+        light.graph.output.append(by_name[name] if name in by_name else onnx.ValueInfoProto(name=name))
+    light.ir_version = min(light.ir_version, max_ir_version())
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                os.path.dirname(os.path.abspath(path)))
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = os.fspath(optimized_model_path)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        source: str | bytes = path if as_is else light.SerializeToString()
+        del light
+        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for refusals
+        raise GraphoptError(f"onnxruntime cannot load '{path}': {ort_error_text(exc)}") from None
 
 
 def _light_copy(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
@@ -314,14 +457,18 @@ def _needs_external_data(model: onnx.ModelProto) -> bool:
 
 
 def _session_for(model: onnx.ModelProto, outputs: Sequence[str], threads: int,
-                 folder: str | None = None) -> Any:
+                 folder: str | None = None, model_path: str | None = None) -> Any:
     """A session on ``model`` with ``outputs`` as its only outputs (the model is left as it was).
 
-    With ``folder``, the copy is saved there with external data and the session opens the file:
-    no protobuf over 2 GiB is built.
+    With ``model_path`` (``model`` is that file read without its external data), onnxruntime
+    reads the weights from the file's folder itself. With ``folder``, the copy is saved there
+    once with external data, and each session opens the structure only: no protobuf over
+    2 GiB is built.
     """
     from graphopt.runtime._session import make_session, max_ir_version
 
+    if model_path is not None:
+        return session_on_file(model_path, outputs, threads=threads)
     graph = model.graph
     saved_outputs = list(graph.output)
     saved_ir = model.ir_version
@@ -337,10 +484,14 @@ def _session_for(model: onnx.ModelProto, outputs: Sequence[str], threads: int,
             from graphopt import ir
 
             source = os.path.join(folder, "calibration.onnx")
-            for stale in (source, source + ".data"):
-                if os.path.exists(stale):
-                    os.unlink(stale)
-            ir.save(ir.load(model), source, external_data=True)
+            data = os.path.join(folder, "calibration.onnx.data")
+            if os.path.exists(data):  # written for an earlier group: only the structure changes
+                light = onnx.load(source, load_external_data=False)
+                del light.graph.output[:]
+                light.graph.output.extend(graph.output)
+                onnx.save(light, source)
+            else:
+                ir.save(ir.load(model), source, external_data=True)
     finally:
         del graph.output[:]
         graph.output.extend(saved_outputs)
@@ -400,14 +551,15 @@ def _producible(model: onnx.ModelProto) -> set[str]:
 
 def _run_groups(proto: onnx.ModelProto, groups: list[list[str]], feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]],
                 stats: dict[str, TensorStatistics], input_names: set[str], scratch: Scratch, threads: int,
-                folder: str | None, progress: ProgressCallback | None, runs_total: int | None) -> int:
+                folder: str | None, progress: ProgressCallback | None, runs_total: int | None,
+                model_path: str | None = None) -> int:
     """One pass over the data per group of tensors, reducing each sample into ``stats``; the sample count."""
     runs_done = 0
     samples = 0
     for index, group in enumerate(groups):
         # Graph inputs need no run: their statistics come from the feeds themselves.
         fetched = [t for t in group if t not in input_names]
-        session = _session_for(proto, fetched, threads, folder) if fetched else None
+        session = _session_for(proto, fetched, threads, folder, model_path) if fetched else None
         count = 0
         for feed in feeds():
             count += 1
@@ -446,7 +598,8 @@ def calibrate(model: onnx.ModelProto | str | os.PathLike, tensors: Sequence[str]
     """Collect streaming statistics of ``tensors`` over ``data`` and compute their ranges.
 
     Args:
-        model: the float model (a ``ModelProto`` is not modified) or its path.
+        model: the float model (a ``ModelProto`` is not modified) or its path (onnxruntime then
+            reads the weights from the file: they are never loaded into Python).
         tensors: names of the tensors to calibrate (graph inputs, node outputs).
         data: feeds, e.g. a :class:`CalibrationSource`, a list of dicts; any iterable works,
             a one-shot iterator with a single group.
@@ -458,8 +611,9 @@ def calibrate(model: onnx.ModelProto | str | os.PathLike, tensors: Sequence[str]
         threads: onnxruntime intra-op threads.
         group_bytes: bound on the bytes of requested tensors one run fetches.
         num_quantized_bins: for ``entropy``, the quantized levels compared against.
-        external_data: hand the model to onnxruntime as a file with external data in a
-            temporary folder (``None``: when its tensors approach the 2 GiB protobuf limit).
+        external_data: hand a ``ModelProto`` to onnxruntime as a file with external data in a
+            temporary folder (``None``: when its tensors approach the 2 GiB protobuf limit); a
+            path is always opened as it is.
 
     Returns:
         A :class:`CalibrationResult`.
@@ -477,8 +631,9 @@ def calibrate(model: onnx.ModelProto | str | os.PathLike, tensors: Sequence[str]
     TensorStatistics(num_bins)  # validates num_bins before any work
     if method == "percentile" and not 0 < percentile <= 100:
         raise GraphoptError(f"percentile={percentile}: use a value in (0, 100], e.g. 99.999")
+    model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
     proto = _load_model(model)
-    digest = model_digest(proto)
+    digest = model_digest(proto, base_dir=None if model_path is None else os.path.dirname(os.path.abspath(model_path)))
     wanted = list(dict.fromkeys(tensors))
     producible = _producible(proto)
     missing = [t for t in wanted if t not in producible]
@@ -515,11 +670,13 @@ def calibrate(model: onnx.ModelProto | str | os.PathLike, tensors: Sequence[str]
     runs_total = None if total is None else total * len(groups)
     scratch = Scratch()  # one set of work buffers for every tensor: no allocation per update
     started = time.perf_counter()
-    if external_data is None:
+    if model_path is not None:
+        external_data = False  # onnxruntime opens the file and its external data as they are
+    elif external_data is None:
         external_data = _needs_external_data(proto)
     with tempfile.TemporaryDirectory(prefix="graphopt-calib-") if external_data else nullcontext() as folder:
         samples = _run_groups(proto, groups, feeds, stats, input_names, scratch, threads, folder, progress,
-                              runs_total)
+                              runs_total, model_path)
     logger.info("calibrated %d tensors over %d samples in %d group(s), %.2f s", len(wanted), samples,
                 len(groups), time.perf_counter() - started)
     empty = [n for n, s in stats.items() if s.count == 0]

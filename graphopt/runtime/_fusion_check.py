@@ -27,7 +27,7 @@ import onnx
 
 from graphopt.errors import GraphoptError
 
-__all__ = ["INTEGER_KERNELS", "FusionReport", "check_fusion"]
+__all__ = ["INTEGER_KERNELS", "FusionReport", "check_fusion", "fusion_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,22 @@ def check_fusion(model: str | os.PathLike | onnx.ModelProto, *, target: str = "c
             ort.InferenceSession(path, so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise GraphoptError(f"onnxruntime refuses the quantized model: {ort_error_text(exc)}") from None
-        graph = onnx.load(optimized, load_external_data=False).graph
-    return _count(graph)
+        return fusion_report(optimized)
+
+
+def fusion_report(optimized_path: str | os.PathLike) -> FusionReport:
+    """Count fused and unfused Q/DQ in a graph onnxruntime already optimized and wrote.
+
+    ``optimized_path`` is what a session made with ``SessionOptions.optimized_model_filepath``
+    (e.g. :func:`graphopt.runtime.session_on_file` with ``optimized_model_path``) wrote, so a
+    session opened to run the model also answers the fusion check.
+
+    Example:
+        >>> session = session_on_file("q.onnx", optimize=True, optimized_model_path="opt/q.onnx")  # doctest: +SKIP
+        >>> fusion_report("opt/q.onnx").unfused  # doctest: +SKIP
+        0
+    """
+    return _count(onnx.load(os.fspath(optimized_path), load_external_data=False).graph)
 
 
 def _count(graph: onnx.GraphProto) -> FusionReport:

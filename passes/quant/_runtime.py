@@ -12,23 +12,25 @@ import numpy as np
 import onnx
 
 from graphopt import ir
-from graphopt.runtime import fit_to_runtime, make_session
+from graphopt.runtime import fit_to_runtime, session_on_file
 
 __all__ = ["channel_absmax", "light_proto", "run_outputs", "saved_model"]
 
 
 @contextlib.contextmanager
 def saved_model(model: ir.Model, name: str = "model.onnx") -> Iterator[str]:
-    """Write ``model`` (fitted to the runtime, weights as external data when large) to a temp file.
+    """Write ``model`` (fitted to the runtime, weights as external data) to a temp file.
 
     The IR model itself is not changed: the copy fitted to the runtime is a fresh load of it.
+    External data lets sessions that fetch intermediate tensors leave the weights to
+    onnxruntime (:func:`graphopt.runtime.session_on_file`), whatever the model's size.
     """
     with tempfile.TemporaryDirectory(prefix="graphopt-quant-") as tmp:
         path = os.path.join(tmp, name)
-        ir.save(model, path)
+        ir.save(model, path, external_data=True)
         copy = ir.load(path)
         if fit_to_runtime(copy):
-            ir.save(copy, path)
+            ir.save(copy, path, external_data=True)
         yield path
 
 
@@ -37,21 +39,13 @@ def light_proto(path: str) -> onnx.ModelProto:
     return onnx.load(path, load_external_data=False)
 
 
-def _with_outputs(path: str, names: Sequence[str]) -> onnx.ModelProto:
-    proto = onnx.load(path)
-    have = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in have:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return proto
-
-
 def channel_absmax(path: str, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]]
                    ) -> dict[str, np.ndarray]:
     """Largest ``|x|`` of each channel (last axis) of the float tensors ``names``, streamed over ``feeds``."""
     if not names:
         return {}
-    session = make_session(_with_outputs(path, names))
+    # The weights stay in the file (onnxruntime reads them): no copy of a large model in Python.
+    session = session_on_file(path, extra_outputs=names)
     wanted = {i.name for i in session.get_inputs()}
     out: dict[str, np.ndarray] = {}
     for feed in feeds:
@@ -66,7 +60,7 @@ def channel_absmax(path: str, names: Sequence[str], feeds: Iterable[Mapping[str,
 def run_outputs(path: str, feeds: Sequence[Mapping[str, np.ndarray]], extra: Sequence[str] = (),
                 optimize: bool = True) -> list[dict[str, Any]]:
     """Run the model at ``path`` on every feed; outputs (plus ``extra`` tensors) by name, per feed."""
-    session = make_session(_with_outputs(path, extra) if extra else path, optimize=optimize and not extra)
+    session = session_on_file(path, extra_outputs=extra, optimize=optimize and not extra)
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
     results = []

@@ -14,6 +14,9 @@ Legal forms by opset:
   ``com.microsoft.DequantizeLinear``, which onnxruntime loads and fuses the same way;
 * opset 10: per-tensor only (placement already chose it and logged why).
 
+A channel shuffle whose nodes are all quantized pass-through units is emitted as one ``Gather``
+of the channels (``_shuffle``): onnxruntime runs it on integers without the 5-D Transpose.
+
 Outputs of the model keep their names, types and shapes.
 """
 
@@ -35,6 +38,7 @@ from graphopt.passes.quant._qparams import (
     quantize_bias,
     weight_qparams,
 )
+from graphopt.passes.quant._shuffle import channel_shuffle_indices
 from graphopt.passes.quant.placement import (
     NodeUnit,
     Placement,
@@ -53,6 +57,8 @@ logger = logging.getLogger(__name__)
 #: Name under which the calibration analysis keeps its result in ``ctx.analyses``.
 CALIBRATION_ANALYSIS = "quant-calibration"
 _MS_DOMAIN = "com.microsoft"
+#: Ops that read only a tensor's dims (any element type).
+_SHAPE_READERS = ("Shape", "Size")
 
 
 @dataclass
@@ -177,6 +183,10 @@ class _Emitter:
                 dq = self._dq_node(source, scale, zp, None, value, value.name)
                 self.graph.insert_before(user, dq)
                 user.replace_input(index, dq.outputs[0])
+            elif (written and user.graph is self.graph and user.op_type in _SHAPE_READERS
+                  and user.domain in ("", "ai.onnx")):
+                # Shape/Size read only the dims: the integer tensor has the same, no DQ to compute.
+                user.replace_input(index, main_q())
             elif written and user.graph is self.graph:
                 # The unit writing ``value`` fuses only when the Q is its only reader: float
                 # readers take a DQ. Float readers of other tensors keep reading the float value
@@ -292,6 +302,7 @@ def insert_qdq(model: ir.Model, ranges: Any, config: PlacementConfig, *, plan: P
     units = [u for u in plan.units if ctx is None or ctx.allow_rewrite(f"quantize {u.op_type} {u.id}")]
     if ctx is not None and len(units) < len(plan.units):
         emission.notes.append(f"bisect limit: {len(plan.units) - len(units)} unit(s) left float")
+    units = _shuffles_as_gather(model, units)
     # Readers that take a dedicated DQ: (node, input index) of every quantized unit input.
     readers: dict[tuple[int, int], None] = {}
     for u in units:
@@ -309,6 +320,9 @@ def insert_qdq(model: ir.Model, ranges: Any, config: PlacementConfig, *, plan: P
     # Parameters first (biases need the input scale), then the graph surgery.
     params = {name: emitter.activation_params(name, ranges) for name in tensors}
     for u in units:
+        if u.op_type == "Sum":
+            # Sum of two tensors is Add (same broadcasting from opset 8); only Add has a QDQ unit.
+            u.node.op_type = "Add"
         if u.weight is not None:
             input_params = params[u.node.inputs[u.activations[0]].name]
             wp = emitter.quantize_weight(u, input_params)
@@ -326,6 +340,41 @@ def insert_qdq(model: ir.Model, ranges: Any, config: PlacementConfig, *, plan: P
     logger.info("insert-qdq: %d unit(s) quantized, %d QuantizeLinear, %d DequantizeLinear",
                 len(units), emission.quantize_nodes, emission.dequantize_nodes)
     return emission
+
+
+def _shuffles_as_gather(model: ir.Model, units: list[NodeUnit]) -> list[NodeUnit]:
+    """Channel shuffles whose three nodes are all quantized pass-through units become one Gather
+    unit (see :mod:`graphopt.passes.quant._shuffle`); the shuffle's output keeps its name, so its
+    parameters (shared with the shuffle's input) are found as before."""
+    chosen = {id(u.node) for u in units}
+    replaced: set[int] = set()
+    result: list[NodeUnit] = []
+    graph = model.graph
+    for unit in units:
+        if id(unit.node) in replaced:
+            continue
+        found = None
+        if unit.kind == "pass-through" and unit.op_type == "Reshape" and unit.node.graph is graph:
+            found = channel_shuffle_indices(unit.node)
+        if found is None or not all(id(n) in chosen for n in found[0]) or found[0][2].outputs[0].is_graph_output():
+            result.append(unit)
+            continue
+        chain, indices = found
+        final = chain[2].outputs[0]
+        name = final.name
+        index_value = graph.add_initializer(model.unique_name(f"{name}_channel_order"), ir.ArrayTensor(indices))
+        out = ir.Value(model.unique_name(f"{name}_gathered"), final.type)
+        gather = ir.Node("", "Gather", [chain[0].inputs[0], index_value], attributes={"axis": 1}, outputs=[out],
+                         name=model.unique_name(f"{unit.id}_channel_shuffle"))
+        graph.insert_before(chain[0], gather)
+        final.replace_all_uses_with(out)
+        for node in reversed(chain):
+            graph.remove(node)
+        out.name = name
+        replaced.update(id(n) for n in chain)
+        logger.debug("channel shuffle %s -> Gather over %d channels", unit.id, indices.size)
+        result.append(NodeUnit(unit.id, gather, "pass-through", (0,), output=out, output_required=True))
+    return result
 
 
 def _drop_unused_initializers(model: ir.Model) -> None:

@@ -14,10 +14,14 @@ onnxruntime's CPU provider on x86 (its QDQ selectors and actions):
   ``QLinearMatMul`` (with Q on the output). U8 activations only: with S8S8 onnxruntime leaves
   the MatMul unfused on x86.
 * ``Gemm`` (constant B, ``transA=0``, C absent or a constant 1-D bias with ``beta=1``) → ``QGemm``.
-* ``Add``, ``Mul`` → ``QLinearAdd``/``QLinearMul``; ``Concat`` → ``QLinearConcat``;
-  ``GlobalAveragePool``/``AveragePool`` → their QLinear forms: only when every input is
-  already quantized and the output feeds quantized units, else the boundary conversions cost
-  more than the integer kernel saves.
+* ``Add``, ``Mul`` → ``QLinearAdd``/``QLinearMul`` (a two-input ``Sum`` is emitted as
+  ``Add``); ``Concat`` → ``QLinearConcat``; ``GlobalAveragePool``/``AveragePool`` → their
+  QLinear forms: only when every input is already quantized and the output feeds quantized
+  units, else the boundary conversions cost more than the integer kernel saves. A ``Relu``
+  after them joins the unit as after a Conv. A ``Concat`` whose inputs integer kernels write
+  joins even when only float ops read it (one DQ after it instead of one per input), and an
+  input only the Concat reads is written with the Concat's parameters, so QLinearConcat copies
+  it instead of requantizing.
 * ``Sigmoid`` → ``QLinearSigmoid`` (a lookup table): with ``QLinearMul`` a SiLU (``x·σ(x)``)
   between two convolutions stays integer instead of a DQ, two float ops and a Q.
 * ``MaxPool``, ``Reshape``, ``Flatten``, ``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Resize``,
@@ -48,6 +52,7 @@ __all__ = [
     "DEFAULT_OP_TYPES",
     "ELEMENTWISE_OPS",
     "PASS_THROUGH_OPS",
+    "RELU_JOINS",
     "OVERRIDABLE_WEIGHT",
     "NodeUnit",
     "Placement",
@@ -61,7 +66,10 @@ logger = logging.getLogger(__name__)
 #: Ops with weights that become integer matrix kernels.
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 #: Ops with a QLinear contrib kernel on the CPU provider (quantized only between quantized tensors).
-ELEMENTWISE_OPS = ("Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid")
+ELEMENTWISE_OPS = ("Add", "Mul", "Sum", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid")
+#: Elementwise ops a following Relu joins: onnxruntime drops a Relu whose only reader is a Q with
+#: the zero point at the type's minimum (the Q clips at 0 anyway).
+RELU_JOINS = ("Add", "Mul", "Sum", "Concat", "GlobalAveragePool", "AveragePool")
 #: Ops that onnxruntime runs on integers once the DQ/Q pair around them is dropped.
 PASS_THROUGH_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Split")
 #: What ``op_types=None`` quantizes.
@@ -210,7 +218,12 @@ def _compute_unit(node: ir.Node, uid: str, config: PlacementConfig, per_channel:
     op = node.op_type
     inputs = node.inputs
     x = inputs[0] if inputs else None
-    if not _is_float(x) or not _is_float(node.outputs[0]):
+    # Conv/MatMul/Gemm take one type T for data, weight and output: a float32 weight proves an
+    # activation whose type inference could not give (it stops at contrib ops such as
+    # MultiHeadAttention in models fused before quantization).
+    weight_is_float = len(inputs) > 1 and _is_float(inputs[1]) and inputs[1].is_constant()
+    if not all(_is_float(v) or (v is not None and v.dtype is None and weight_is_float)
+               for v in (x, node.outputs[0])):
         return "not float32"
     if x.is_constant():
         return "its data input is a constant (fold it first)"
@@ -368,6 +381,7 @@ def plan_placement(model: ir.Model, config: PlacementConfig) -> Placement:
                 unit.output = None
     plan.units = [chosen[n] for n in nodes if n in chosen]
     plan.tensors = quantized
+    _share_concat_parameters(plan)
     if not plan.units and not plan.reason:
         plan.reason = "no node unit the target fuses into integer kernels"
         reasons = Counter(why for _, _, why in plan.skipped)
@@ -377,6 +391,32 @@ def plan_placement(model: ir.Model, config: PlacementConfig) -> Placement:
     logger.info("QDQ placement: %d unit(s), %d tensor(s) quantized, %d candidate(s) left float",
                 len(plan.units), len(quantized), len(plan.skipped))
     return plan
+
+
+def _share_concat_parameters(plan: Placement) -> None:
+    """Concat inputs that only the Concat reads are written with the Concat's parameters.
+
+    QLinearConcat requantizes every input to the output's scale and zero point; an input that
+    already has them is copied (measured 5-6x faster than requantizing). The unit writing such
+    an input then rounds once, to the output's scale, instead of twice: no precision is lost.
+    Inputs with other readers, graph outputs and pass-through outputs (which share their own
+    input's parameters) keep theirs, and so do outputs of units with a fused Relu: onnxruntime
+    drops that Relu only before a Q whose zero point is the type's minimum.
+    """
+    writers = {unit.output.name: unit for unit in plan.units
+               if unit.output is not None and unit.output_required and unit.kind != "pass-through"
+               and unit.fused_relu is None}
+    for unit in plan.units:
+        if unit.op_type != "Concat" or unit.kind != "elementwise":
+            continue
+        for i in unit.activations:
+            value = unit.node.inputs[i]
+            if (value.name in plan.shares or value.name not in writers or value.is_graph_output()
+                    or value.num_uses != 1 or writers[value.name] is unit):
+                continue
+            plan.shares[value.name] = unit.output.name
+            logger.debug("%s writes '%s' with the parameters of Concat %s", writers[value.name].id,
+                         value.name, unit.id)
 
 
 def _reads_quantized(user: ir.Node, index: int, chosen: dict[ir.Node, NodeUnit]) -> bool:
@@ -407,12 +447,12 @@ def _between_candidate(node: ir.Node, uid: str, opset: int) -> NodeUnit | None:
     activations = tuple(i for i, v in enumerate(node.inputs) if v is not None)
     if op in ("GlobalAveragePool", "AveragePool", "Sigmoid"):
         activations = (0,)
-    if op in ("Add", "Mul") and len(activations) != 2:
-        return None
+    if op in ("Add", "Mul", "Sum") and len(activations) != 2:
+        return None  # a two-input Sum is an Add (emitted as one): QLinearAdd takes two inputs
     if not activations or any(not _is_float(node.inputs[i]) or node.inputs[i].is_constant()
                               for i in activations):
         return None
-    relu = _fusable_relu(out) if op in ("Add", "Mul") else None
+    relu = _fusable_relu(out) if op in RELU_JOINS else None
     final = relu.outputs[0] if relu is not None else out
     return NodeUnit(uid, node, "elementwise", activations, output=final, fused_relu=relu,
                     output_required=True)
@@ -430,8 +470,37 @@ def _between_ok(unit: NodeUnit, units: dict[ir.Node, NodeUnit]) -> bool:
     """An elementwise/pass-through unit pays off: a quantized unit reads its output and, for
     elementwise units, every input is quantized for another reason already."""
     outs = (unit.output, *unit.extra_outputs)
-    if not any(_reads_quantized(user, idx, units) for out in outs for user, idx in out.uses()):
-        return False
+    read_quantized = any(_reads_quantized(user, idx, units) for out in outs for user, idx in out.uses())
     if unit.kind == "pass-through":
-        return True
-    return all(_quantized_source(unit.node.inputs[i], unit.node, units) for i in unit.activations)
+        return read_quantized
+    if unit.op_type == "Concat" and not read_quantized:
+        # Inputs that are integer anyway: one DQ after a QLinearConcat replaces one DQ per input
+        # (and onnxruntime's layout pass would wrap each of those DQs in a Transpose-Q-DQ chain).
+        # Only inputs an integer kernel writes count: a chain of pass-through units quantizing
+        # a float tensor just for this Concat (anchor grids of detectors) would be a new Q.
+        return all(_written_by_kernel(unit.node.inputs[i], unit.node, units) for i in unit.activations)
+    return read_quantized and all(_quantized_source(unit.node.inputs[i], unit.node, units)
+                                  for i in unit.activations)
+
+
+def _written_by_kernel(value: ir.Value, reader: ir.Node, units: dict[ir.Node, NodeUnit],
+                      seen: dict[str, bool] | None = None, depth: int = 0) -> bool:
+    """True when ``value`` is integer because of a compute unit: one writes it (possibly through
+    pass-through and elementwise units whose inputs are so too), or one other than ``reader``
+    reads it quantized. Elementwise and pass-through units that only justify each other (a
+    float tensor quantized for a Concat that only float ops read) do not count."""
+    seen = {} if seen is None else seen
+    if value.name in seen:
+        return seen[value.name]
+    seen[value.name] = False  # a cycle of justifications proves nothing
+    found = any(user is not reader and user in units and units[user].kind == "compute"
+                and idx in units[user].activations for user, idx in value.uses())
+    if not found and depth < 64:
+        for unit in units.values():
+            if unit.output_required and (unit.output is value or value in unit.extra_outputs):
+                found = unit.kind == "compute" or all(
+                    _written_by_kernel(unit.node.inputs[i], unit.node, units, seen, depth + 1)
+                    for i in unit.activations)
+                break
+    seen[value.name] = found
+    return found
