@@ -19,6 +19,13 @@ Usage::
     python bench/contrib_latency.py encoder [--layers 4] [--seq 128] [--rounds 30] [--json out.json]
     python bench/contrib_latency.py cnn [--rounds 30]
     python bench/contrib_latency.py dedup [--vocab 50257] [--hidden 768] [--rounds 20]
+    python bench/contrib_latency.py residual [--layers 24] [--seq 128] [--hidden 768] [--rounds 30]
+
+Part 3 (``residual``): post-norm residual blocks ``LayerNorm(x + bias + skip)`` with static
+shapes, as onnxruntime sees BERT's once shapes are known: the original, the same with the sum
+written ``Sum`` (``contrib-residual-sum``) and ``com.microsoft::SkipLayerNormalization``
+(``contrib-skip-layer-norm``), at both onnxruntime levels. At ``ENABLE_ALL`` onnxruntime fuses
+the original into SkipLayerNormalization itself.
 """
 
 from __future__ import annotations
@@ -177,6 +184,52 @@ def build_tied_lm(vocab: int = 50257, hidden: int = 768, seed: int = 0) -> onnx.
 
 
 # -- measuring ---------------------------------------------------------------------------------------
+def build_residual(layers: int = 24, seq: int = 128, hidden: int = 768, seed: int = 0) -> onnx.ModelProto:
+    """``h = LayerNorm(h + bias + skip)`` repeated, static ``[1, seq, hidden]`` shapes (part 3)."""
+    b = _Builder(seed)
+    h = "x"
+    for _ in range(layers):
+        biased = b.op("Add", h, b.weight(hidden))
+        summed = b.op("Add", biased, "skip")
+        h = b.op("LayerNormalization", summed, b.weight(hidden), b.weight(hidden), axis=-1, epsilon=1e-12)
+    b.nodes.append(helper.make_node("Identity", [h], ["y"]))
+    info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, seq, hidden]) for n in ("x", "skip", "y")]
+    graph = helper.make_graph(b.nodes, "residual", info[:2], info[2:], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def run_residual(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 3: residual blocks as they are, with Sum, and as SkipLayerNormalization, at both levels."""
+    source = build_residual(args.layers, args.seq, args.hidden)
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((1, args.seq, args.hidden)).astype(np.float32) for n in ("x", "skip")}
+    variants = {"original": "", "contrib-residual-sum": "contrib-residual-sum",
+                "contrib-skip-layer-norm": "contrib-skip-layer-norm"}
+    runs: dict[str, Callable[[], Any]] = {}
+    reference = None
+    for name, pipeline in variants.items():
+        model, _ = optimize(source, pipeline)
+        for level in ORT_LEVELS:
+            sess, _ = session(model, level)
+            out = sess.run(None, feeds)[0]
+            reference = out if reference is None else reference
+            if float(np.max(np.abs(out - reference))) > 1e-3:
+                raise SystemExit(f"{name} at {level}: outputs differ from the original")
+            runs[f"{name}|{level}"] = (lambda s=sess: s.run(None, feeds))
+    times = interleaved(runs, args.rounds)
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    ratios = {key: paired_ratio(times, key, "original|ENABLE_ALL") for key in times}
+    rows = [[name] + [v for level in ORT_LEVELS for v in (fmt_seconds(medians[f"{name}|{level}"]),
+                                                          f"{ratios[f'{name}|{level}']:.3f}")]
+            for name in variants]
+    print_table(f"{args.layers} residual blocks [1, {args.seq}, {args.hidden}], onnxruntime CPU, 1 thread, "
+                f"median of {args.rounds} interleaved rounds",
+                ["variant", "ENABLE_ALL", "/orig", "DISABLE_ALL", "/orig"], rows)
+    return {"residual": {"layers": args.layers, "seq": args.seq, "hidden": args.hidden, "rounds": args.rounds,
+                         "median_s": medians, "ratio_to_original_enable_all": ratios}}
+
+
 def optimize(model: onnx.ModelProto, pipeline: str) -> tuple[onnx.ModelProto, float]:
     """``model`` through a graphopt pipeline (``""``: unchanged); returns it and the seconds taken."""
     if not pipeline:
@@ -326,7 +379,7 @@ def run_dedup(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     """Parse arguments and run the chosen part."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["encoder", "cnn", "dedup"])
+    parser.add_argument("part", choices=["encoder", "cnn", "dedup", "residual"])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=30)
@@ -334,7 +387,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    result = run_dedup(args) if args.part == "dedup" else run_encoder(args)
+    if args.part == "dedup":
+        result = run_dedup(args)
+    elif args.part == "residual":
+        result = run_residual(args)
+    else:
+        result = run_encoder(args)
     write_json(args.json, result)
 
 

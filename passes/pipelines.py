@@ -25,10 +25,13 @@ FUSIONS = ("fuse-bn-into-conv,fuse-bn-into-gemm,fuse-mul-add-into-conv,fuse-pad,
            "fuse-layer-norm,fuse-rms-norm,fuse-gelu,fuse-affine-chain")
 
 #: Fusions into onnxruntime contrib ops, each only where the target has the kernel. Attention goes
-#: first (contrib-fused-matmul would take its products apart). contrib-skip-layer-norm is left
-#: out: on onnxruntime 1.31's CPU provider it measured 1-2% slower than Add + LayerNormalization
-#: at ORT_ENABLE_ALL (bench/contrib_latency.py); enable it by name where it pays.
-CONTRIB = "contrib-attention,eliminate-dead-code,contrib-gelu,contrib-fused-conv,contrib-fused-matmul"
+#: first (contrib-fused-matmul would take its products apart); SiLU becomes QuickGelu before
+#: contrib-fused-conv looks at what follows each Conv. contrib-skip-layer-norm is left out, and
+#: contrib-residual-sum keeps onnxruntime from making one at load time: onnxruntime 1.31's CPU
+#: SkipLayerNormalization measured about 4x slower than Add + LayerNormalization
+#: (bench/contrib_latency.py residual); enable it by name where it pays.
+CONTRIB = ("contrib-attention,eliminate-dead-code,contrib-gelu,contrib-silu,contrib-fused-conv,"
+           "contrib-fused-matmul,fuse-softmax-conv-into-matmul,contrib-residual-sum")
 
 PIPELINES: dict[str, str] = {
     "cleanup": CLEANUP,

@@ -114,6 +114,12 @@ class PassManager:
         #: The context's analysis cache (``ctx.analyses``), kept here for convenience.
         self.analyses: AnalysisCache = self.ctx.analyses
         self._properties: set[str] = set()
+        # A pass that changed nothing needs no rerun (in a fixed-point group's next round) while
+        # no pass has changed the model since: ``_changes`` counts changing runs, ``_clean_at``
+        # holds that count after each pass instance's last run that changed nothing (with the
+        # instance, so that its id is not reused by another while the entry exists).
+        self._changes = 0
+        self._clean_at: dict[int, tuple[Pass, int]] = {}
         # Build every pass up front so option errors surface before any work is done.
         self._materialize(self.steps)
 
@@ -158,6 +164,8 @@ class PassManager:
             ctx.passes_run = []
             ctx.analyses.invalidate()
         self._properties = set()
+        self._changes = 0
+        self._clean_at = {}
         report = PipelineReport(self.pipeline_text, bisect_limit=ctx.bisect_limit)
         start = time.perf_counter()
         for inst in ctx.instruments if not nested else ():
@@ -245,6 +253,11 @@ class PassManager:
         if ctx.is_disabled(p.name):
             logger.debug("skipping disabled pass %s", p.name)
             return False
+        clean = self._clean_at.get(id(p))
+        if clean is not None and clean[0] is p and clean[1] == self._changes:
+            # Same pass, same options, same model as when it last found nothing to do.
+            logger.debug("skipping %s: nothing changed since its last run, which changed nothing", p.name)
+            return False
         if self._bisect_cut() or not self._ensure_requirements(p, model, report, round_):
             return False
         before = list(ctx.passes_run)
@@ -278,6 +291,9 @@ class PassManager:
             if result.changed:
                 self._properties &= set(p.preserves)
                 ctx.analyses.invalidate(p.preserves)
+                self._changes += 1
+            else:
+                self._clean_at[id(p)] = (p, self._changes)
             self._properties |= set(p.provides)
             for inst in ctx.instruments:
                 inst.after_pass(p, model, ctx, record)

@@ -5,7 +5,9 @@ tensors in a group of equal ``(dtype, shape, nbytes)`` are compared. Large tenso
 told apart by a fingerprint of a few kilobytes (their first, middle and last bytes), read
 without loading the rest (file-backed and external weights are memory-mapped); only tensors with
 equal fingerprints are hashed whole (``Tensor.digest()`` streams), and equal digests are
-confirmed by comparing the bytes, so a merge never rests on a hash or a sample alone. Readers of
+confirmed by comparing the bytes, so a merge never rests on a hash or a sample alone. Small
+tensors (up to 12 KiB) of plain numeric types are keyed by the bytes of their arrays instead:
+equal keys are equal contents. Readers of
 a duplicate read the first one (in initializer order), and the duplicate is dropped.
 
 Merging equal tensors changes no value's type or shape, so the pass preserves
@@ -113,18 +115,36 @@ def _fingerprint(tensor: ir.Tensor) -> bytes | None:
                      flat[-_SAMPLE_BYTES:].tobytes()))
 
 
+def _small_contents(tensor: ir.Tensor) -> bytes | None:
+    """The bytes of a small tensor's array, its exact identity within a (dtype, shape) group;
+    ``None`` for tensors that are large or of a type without a plain numpy array.
+
+    Constant folding leaves hundreds of small constants (shape vectors, scalars), many of them
+    equal: keying them by their bytes finds the duplicates in one pass, where hashing each one's
+    encoding and then comparing the encodings would encode every tensor twice.
+    """
+    if tensor.dtype not in _SAMPLED_DTYPES or tensor.nbytes > 3 * _SAMPLE_BYTES:
+        return None
+    return np.ascontiguousarray(tensor.numpy()).tobytes()
+
+
 def _duplicates(group: list[ir.Value]) -> Iterator[tuple[ir.Value, ir.Value]]:
     """``(kept, duplicate)`` pairs of a group with equal dtype, shape and size.
 
     Pairs come by the kept value's position in ``group``, then the duplicate's: the same order
     whatever the fingerprints, so the rewiring (and the uses' order) does not depend on them.
     """
+    by_contents: dict[bytes, list[ir.Value]] = {}
     by_fingerprint: dict[bytes | None, list[ir.Value]] = {}
     for value in group:
         assert isinstance(value.const_value, ir.Tensor)
-        by_fingerprint.setdefault(_fingerprint(value.const_value), []).append(value)
+        contents = _small_contents(value.const_value)
+        if contents is not None:
+            by_contents.setdefault(contents, []).append(value)
+        else:
+            by_fingerprint.setdefault(_fingerprint(value.const_value), []).append(value)
     position = {id(v): i for i, v in enumerate(group)}
-    pairs: list[tuple[ir.Value, ir.Value]] = []
+    pairs: list[tuple[ir.Value, ir.Value]] = [(same[0], value) for same in by_contents.values() for value in same[1:]]
     for candidates in by_fingerprint.values():
         if len(candidates) < 2:
             continue  # nothing shares its fingerprint: no duplicate, no hashing

@@ -12,14 +12,19 @@ pass                       emits                                                
 contrib-attention          MultiHeadAttention (BERT- and GPT-2-style blocks)           yes
 contrib-gelu               Gelu, BiasGelu, FastGelu                                    yes
 contrib-skip-layer-norm    SkipLayerNormalization, SkipSimplifiedLayerNormalization    no
-contrib-fused-conv         FusedConv (Conv + activation, + residual Add)               yes
+contrib-fused-conv         FusedConv (Conv + activation, + residual Add or Sum)        yes
 contrib-fused-matmul       FusedMatMul (transposed inputs, scalar scale)               yes
+contrib-residual-sum       Sum for the Add before a LayerNormalization (cpu only)      yes
+contrib-silu               QuickGelu (x * Sigmoid(x), x * Sigmoid(a * x))              yes
+fuse-softmax-conv-into-    Transpose, Softmax (last axis), MatMul: standard ops for    yes
+matmul                     a 1x1 Conv over a channel Softmax (YOLO's DFL head)
 =========================  ==========================================================  =====
 
 ``-O3`` includes only the passes measured not to slow onnxruntime's CPU provider down at
-``ORT_ENABLE_ALL`` (``bench/contrib_latency.py``); ``contrib-skip-layer-norm`` measured 1-2%
-slower there (and slower than the decomposed form at ``ORT_DISABLE_ALL``), so it runs only when
-named (``--enable contrib-skip-layer-norm``).
+``ORT_ENABLE_ALL`` (``bench/contrib_latency.py``); onnxruntime 1.31's CPU
+SkipLayerNormalization measured about 4x slower than Add + LayerNormalization, so
+``contrib-skip-layer-norm`` runs only when named (``--enable contrib-skip-layer-norm``) and
+``contrib-residual-sum`` keeps onnxruntime from fusing one at load time.
 
 Example:
     >>> from graphopt.passes.contrib import CONTRIB_PASSES
@@ -34,14 +39,19 @@ from graphopt.passes.contrib.capabilities import fused_conv_activations, provide
 from graphopt.passes.contrib.fused_conv import ContribFusedConv
 from graphopt.passes.contrib.fused_matmul import ContribFusedMatMul
 from graphopt.passes.contrib.gelu import ContribGelu
+from graphopt.passes.contrib.residual_sum import ContribResidualSum
+from graphopt.passes.contrib.silu import ContribSiLU
 from graphopt.passes.contrib.skip_layer_norm import ContribSkipLayerNorm
+from graphopt.passes.contrib.softmax_conv import FuseSoftmaxConvIntoMatMul
 from graphopt.pipeline import Pass
 
 #: The contrib passes in pipeline order: attention first (its pattern contains MatMuls that
 #: contrib-fused-matmul would otherwise take apart), Gelu before the skip normalizations (a fused
 #: Gelu keeps the shape of its input, which the residual shape proof walks through).
-CONTRIB_PASSES: list[type[Pass]] = [ContribAttention, ContribGelu, ContribSkipLayerNorm, ContribFusedConv,
-                                    ContribFusedMatMul]
+CONTRIB_PASSES: list[type[Pass]] = [ContribAttention, ContribGelu, ContribSkipLayerNorm, ContribSiLU,
+                                    ContribFusedConv, ContribFusedMatMul, FuseSoftmaxConvIntoMatMul,
+                                    ContribResidualSum]
 
 __all__ = ["CONTRIB_PASSES", "ContribAttention", "ContribFusedConv", "ContribFusedMatMul", "ContribGelu",
-           "ContribSkipLayerNorm", "fused_conv_activations", "provider_supports"]
+           "ContribResidualSum", "ContribSiLU", "ContribSkipLayerNorm", "FuseSoftmaxConvIntoMatMul",
+           "fused_conv_activations", "provider_supports"]

@@ -23,11 +23,16 @@ from graphopt.rewrite import constant_value
 
 from graphopt.passes.contrib._common import constant_shape, same_dim, static_rank
 
-__all__ = ["DimRef", "Element", "shape_elements", "scalar_element", "dim_origin", "same_dim_ref", "DimLabels",
-           "head_sizes", "same_shape"]
+__all__ = ["DimRef", "OriginMemo", "Element", "shape_elements", "scalar_element", "dim_origin", "same_dim_ref",
+           "DimLabels", "head_sizes", "same_shape"]
 
 #: Dim ``j`` of tensor ``t``.
 DimRef = tuple[ir.Value, int]
+#: Results of :func:`dim_origin` walks, by ``(tensor, axis)``. Keyed by the tensor itself, not its
+#: ``id``: a memo may outlive rewrites that drop tensors, and a dropped tensor's ``id`` can be
+#: reused by a new one. An entry stays true after a rewrite that keeps what every surviving
+#: tensor holds (all rewrites do), so a stale entry can only hide an equality, never invent one.
+OriginMemo = dict[tuple[ir.Value, int], DimRef]
 #: One element of a shape tensor: a number or a reference to a dim.
 Element = Union[int, DimRef]
 
@@ -180,7 +185,7 @@ def _slice(node: ir.Node, depth: int) -> list[Element] | None:
     return source[start:end]
 
 
-def dim_origin(value: ir.Value, axis: int, memo: dict[tuple[int, int], DimRef] | None = None) -> DimRef:
+def dim_origin(value: ir.Value, axis: int, memo: OriginMemo | None = None) -> DimRef:
     """Walk back from dim ``axis`` of ``value`` through ops that keep it; return where it starts.
 
     Followed: unary shape-keeping ops, ``MatMul`` by a constant 2-D weight (every axis but the
@@ -191,13 +196,13 @@ def dim_origin(value: ir.Value, axis: int, memo: dict[tuple[int, int], DimRef] |
     attention op's output (its query's).
 
     Args:
-        memo: results of earlier walks in the same, unchanged graph (makes repeated walks linear).
+        memo: results of earlier walks (makes repeated walks linear); see :data:`OriginMemo`.
     """
     return _origin(value, axis, {} if memo is None else memo, 0)
 
 
-def _origin(value: ir.Value, axis: int, memo: dict[tuple[int, int], DimRef], depth: int) -> DimRef:
-    key = (id(value), axis)
+def _origin(value: ir.Value, axis: int, memo: OriginMemo, depth: int) -> DimRef:
+    key = (value, axis)
     found = memo.get(key)
     if found is not None:
         return found
@@ -208,7 +213,7 @@ def _origin(value: ir.Value, axis: int, memo: dict[tuple[int, int], DimRef], dep
     return result
 
 
-def _step(value: ir.Value, axis: int, memo: dict[tuple[int, int], DimRef], depth: int) -> DimRef | None:
+def _step(value: ir.Value, axis: int, memo: OriginMemo, depth: int) -> DimRef | None:
     node = value.producer
     rank = static_rank(value)
     if node is None or rank is None or not 0 <= axis < rank:
@@ -231,7 +236,7 @@ def _step(value: ir.Value, axis: int, memo: dict[tuple[int, int], DimRef], depth
     return None
 
 
-def _broadcast_origin(node: ir.Node, axis: int, rank: int, memo: dict[tuple[int, int], DimRef],
+def _broadcast_origin(node: ir.Node, axis: int, rank: int, memo: OriginMemo,
                       depth: int) -> DimRef | None:
     """The origin of an elementwise output dim: constants too short to reach ``axis`` are ignored,
     and every other input must have the full rank and that dim from one origin."""
@@ -324,7 +329,7 @@ def _moved_from(node: ir.Node, value: ir.Value, axis: int, rank: int) -> DimRef 
     return None
 
 
-def same_dim_ref(a: DimRef, b: DimRef, memo: dict[tuple[int, int], DimRef] | None = None) -> bool:
+def same_dim_ref(a: DimRef, b: DimRef, memo: OriginMemo | None = None) -> bool:
     """True when two dim references provably hold the same size."""
     if a[0] is b[0] and a[1] == b[1]:
         return True
@@ -348,7 +353,7 @@ class DimLabels:
     Args:
         labels: ``{value: ("B", "S", "H")}``: the dims each known tensor has, by name.
         sizes: the static size of a name when known (``{"N": 12, "D": 64, "H": 768}``).
-        memo: dim origins already walked in the same, unchanged graph (see :func:`dim_origin`),
+        memo: dim origins already walked (see :func:`dim_origin` and :data:`OriginMemo`),
             shared with the caller's other proofs about the same match.
 
     Example:
@@ -357,10 +362,10 @@ class DimLabels:
     """
 
     def __init__(self, labels: dict[ir.Value, tuple[str, ...]], sizes: dict[str, int],
-                 memo: dict[tuple[int, int], DimRef] | None = None) -> None:
+                 memo: OriginMemo | None = None) -> None:
         self.labels = labels
         self.sizes = sizes
-        self._memo: dict[tuple[int, int], DimRef] = {} if memo is None else memo
+        self._memo: OriginMemo = {} if memo is None else memo
 
     def is_dim(self, ref: DimRef, name: str) -> bool:
         """True when the dim ``ref`` points at is provably the dim called ``name``."""
@@ -454,5 +459,5 @@ def same_shape(a: ir.Value, b: ir.Value) -> bool:
         return False
     sa, sb = a.shape, b.shape
     assert sa is not None and sb is not None
-    memo: dict[tuple[int, int], DimRef] = {}
+    memo: OriginMemo = {}
     return all(same_dim(x, y) or same_dim_ref((a, i), (b, i), memo) for i, (x, y) in enumerate(zip(sa.dims, sb.dims)))

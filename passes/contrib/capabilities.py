@@ -131,6 +131,7 @@ STATIC_CUDA_CAPABILITIES = ProviderCapabilities(
         _static("Attention", _FLOAT, _FLOAT16),
         _static("MultiHeadAttention", _FLOAT, _FLOAT16),
         _static("BiasAdd", _FLOAT, _FLOAT16),
+        _static("QuickGelu", _FLOAT, _DOUBLE, _FLOAT16),
     ]),
     fused_conv_activations=frozenset({"Relu"}),
 )
@@ -166,6 +167,7 @@ _PROBES: dict[str, _Probe] = {
     "MultiHeadAttention": _Probe((("query", (1, 2, _HIDDEN)), ("key", (1, 2, _HIDDEN)),
                                   ("value", (1, 2, _HIDDEN))), {"num_heads": 2}),
     "BiasAdd": _Probe((("X", (1, 2, _HIDDEN)), ("bias", (_HIDDEN,)), ("skip", (1, 2, _HIDDEN)))),
+    "QuickGelu": _Probe((("X", (2, _HIDDEN)),), {"alpha": 1.0}),
 }
 #: The ops probed on every provider: exactly those the contrib fusions can emit.
 PROBED_OPS = tuple(_PROBES)

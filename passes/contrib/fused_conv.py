@@ -15,9 +15,9 @@ Clip           min(max(y, lo), hi)                        [lo, hi] (absent bound
 HardSigmoid    max(0, min(1, α·y + β))                    [α, β] (defaults 0.2, 0.5)
 =============  =========================================  ==============================
 
-The residual form ``f(Add(Conv(x, W, B), Z))`` passes ``Z`` as the fourth input; the kernel adds
-it elementwise before the activation, so ``Z`` must have exactly the Conv output's shape (no
-broadcasting).
+The residual form ``f(Add(Conv(x, W, B), Z))`` (or a two-input ``Sum``, as Caffe2 exports
+write it: ResNet, ShuffleNet) passes ``Z`` as the fourth input; the kernel adds it elementwise
+before the activation, so ``Z`` must have exactly the Conv output's shape (no broadcasting).
 
 Must not fire when:
 
@@ -26,7 +26,8 @@ Must not fire when:
 * the Conv output (or the sum) is read by another node or is a graph output (the engine
   refuses: the activation-free value would be lost);
 * ``Clip``'s bounds are not constants (they would be read at run time) or are not scalars;
-* ``Z`` is not provably of the Conv output's shape, or the Conv already has four inputs.
+* ``Z`` is not provably of the Conv output's shape, or the Conv already has four inputs;
+* ``Z`` is the Conv output itself (``Add(c, c)``): the Conv would have to stay and run twice.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def _check_residual(ctx: MatchContext, conv: ir.Node, act: ir.Node, z: ir.Value)
     params = _activation_reason(ctx, conv, act)
     if isinstance(params, str):
         return Failure(params)
+    if z is conv.outputs[0]:
+        return Failure("Z is the Conv output itself: the Conv would stay and run twice")
     reason = same_shape_reason(z, conv.outputs[0])
     if reason:
         return Failure(f"Z must have the Conv output's shape: {reason}")
@@ -126,18 +129,19 @@ def _rewrite_residual(op: Any, conv: ir.Node, act: ir.Node, z: ir.Value) -> Any:
     return _fused(op, conv, act, z)
 
 
-def _activation_pattern(activation: str, residual: bool) -> Callable[..., Any]:
+def _activation_pattern(activation: str, residual: str | None) -> Callable[..., Any]:
     extra = activation == "Clip"
 
     if residual:
         def pattern(op: Any, x: Any, z: Any) -> Any:
             conv = op.Conv(x, _allow_other_inputs=True, _name="conv")
-            return getattr(op, activation)(op.Add(conv, z), _allow_other_inputs=extra, _name="act")
+            total = getattr(op, residual)(conv, z)
+            return getattr(op, activation)(total, _allow_other_inputs=extra, _name="act")
     else:
         def pattern(op: Any, x: Any) -> Any:  # type: ignore[misc]
             conv = op.Conv(x, _allow_other_inputs=True, _name="conv")
             return getattr(op, activation)(conv, _allow_other_inputs=extra, _name="act")
-    pattern.__qualname__ = f"{activation.lower()}_{'add_' if residual else ''}conv"
+    pattern.__qualname__ = f"{activation.lower()}_{residual.lower() + '_' if residual else ''}conv"
     return pattern
 
 
@@ -145,14 +149,16 @@ def _rules() -> RuleSet:
     rules = []
     for activation in ("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "HardSigmoid"):
         name = activation.lower()
-        # The residual form first: it takes the Add into the kernel too.
-        rules.append(Rule(f"fused-conv-add-{name}", _activation_pattern(activation, True), _rewrite_residual,
-                          check=_check_residual, benefit=2, commute=True))
-        rules.append(Rule(f"fused-conv-{name}", _activation_pattern(activation, False), _rewrite, check=_check))
+        # The residual forms first: they take the Add (or two-input Sum) into the kernel too.
+        for residual in ("Add", "Sum"):
+            rules.append(Rule(f"fused-conv-{residual.lower()}-{name}", _activation_pattern(activation, residual),
+                              _rewrite_residual, check=_check_residual, benefit=2, commute=True))
+        rules.append(Rule(f"fused-conv-{name}", _activation_pattern(activation, None), _rewrite, check=_check))
     return RuleSet(rules)
 
 
-#: The rules of :class:`ContribFusedConv`: ``fused-conv-<activation>`` and ``fused-conv-add-<activation>``.
+#: The rules of :class:`ContribFusedConv`: ``fused-conv-<activation>``, ``fused-conv-add-<activation>`` and
+#: ``fused-conv-sum-<activation>``.
 FUSED_CONV_RULES = _rules()
 
 

@@ -59,7 +59,8 @@ def infer_shapes(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
         >>> inferred = infer_shapes(light_proto)  # doctest: +SKIP
     """
     try:
-        first = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=False)
+        encoded = model.SerializeToString()  # once for both runs (each would encode it again)
+        first = onnx.shape_inference.infer_shapes(encoded, check_type=False, strict_mode=False, data_prop=False)
     except Exception as exc:  # noqa: BLE001 - onnx raises several exception types
         logger.debug("onnx shape inference failed: %s", exc)
         return None
@@ -68,7 +69,7 @@ def infer_shapes(model: onnx.ModelProto) -> Optional[onnx.ModelProto]:
         logger.debug("onnx data propagation left off: a 1-D value has %d elements", longest)
         return first
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(encoded, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # noqa: BLE001
         logger.debug("onnx shape inference with data propagation failed: %s", exc)
         return first

@@ -141,6 +141,8 @@ class _Rules:
                 return [ins[0] if ins else None]
             if node.op_type == "FusedMatMul":
                 return self._FusedMatMul(node, ins)
+            if node.op_type == "FusedConv":
+                return self._Conv(node, ins)
         return []
 
     # -- elementwise -------------------------------------------------------------------------------
@@ -306,6 +308,118 @@ class _Rules:
             return [ir.TensorType(a.dtype, [d for d in dims if d != 1])]
         norm = {x + len(dims) if x < 0 else x for x in axes}
         return [ir.TensorType(a.dtype, [d for i, d in enumerate(dims) if i not in norm])]
+
+    # -- convolution, reductions, recurrent layers --------------------------------------------------
+    def _Conv(self, node: ir.Node, ins: Types) -> Types:
+        """``[N, M, *spatial]``: ``M`` is the weight's first dim, each spatial dim
+        ``floor((in + pads - dilation * (kernel - 1) - 1) / stride) + 1`` (``ceil(in / stride)``
+        for ``SAME_*`` auto-padding)."""
+        x = ins[0] if ins else None
+        w = ins[1] if len(ins) > 1 else None
+        if x is None:
+            return [None]
+        xd, wd = _dims(x), _dims(w)
+        rank = len(xd) if xd is not None else len(wd) if wd is not None else None
+        if rank is None or rank < 3 or (wd is not None and len(wd) != rank):
+            return [ir.TensorType(x.dtype, None)]
+        spatial = rank - 2
+        out: list[ir.Dim] = [xd[0] if xd is not None else None, wd[0] if wd is not None else None]
+        kernel = node.attr("kernel_shape") or (wd[2:] if wd is not None else None)
+        strides = node.attr("strides") or (1,) * spatial
+        dilations = node.attr("dilations") or (1,) * spatial
+        pads = node.attr("pads") or (0,) * (2 * spatial)
+        auto_pad = node.attr("auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        for i in range(spatial):
+            d = xd[2 + i] if xd is not None else None
+            k = kernel[i] if kernel is not None else None
+            if not isinstance(d, int) or not isinstance(k, int):
+                out.append(None)
+            elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                out.append(-(-d // strides[i]))
+            else:
+                total = 0 if auto_pad == "VALID" else pads[i] + pads[i + spatial]
+                out.append((d + total - dilations[i] * (k - 1) - 1) // strides[i] + 1)
+        return [ir.TensorType(x.dtype, out)]
+
+    def _reduce(self, node: ir.Node, ins: Types, axes_input_since: int) -> Types:
+        x = ins[0] if ins else None
+        dims = _dims(x)
+        if x is None or dims is None:
+            return [x and ir.TensorType(x.dtype, None)]
+        version = node.version or 0
+        if version >= axes_input_since:
+            given = len(node.inputs) > 1 and node.inputs[1] is not None
+            axes = self._int_list(node.inputs[1]) if given else []
+        else:
+            axes = list(node.attr("axes") or [])
+        if axes is None:
+            return [ir.TensorType(x.dtype, None)]
+        if not axes:
+            if version >= axes_input_since and node.attr("noop_with_empty_axes", 0):
+                return [x]
+            axes = list(range(len(dims)))
+        norm = {a + len(dims) if a < 0 else a for a in axes}
+        keep = node.attr("keepdims", 1)
+        out = [1 if i in norm else d for i, d in enumerate(dims)] if keep else \
+            [d for i, d in enumerate(dims) if i not in norm]
+        return [ir.TensorType(x.dtype, out)]
+
+    def _int_list(self, value: ir.Value | None) -> Optional[list[int]]:
+        """A constant's elements, or a tracked small integer tensor whose elements are all known."""
+        found = _const_list(value)
+        if found is not None:
+            return found
+        sym = self.sym.get(value)
+        return [int(e) for e in sym.elements] if sym is not None and sym.is_known() else None  # type: ignore[arg-type]
+
+    def _ReduceMean(self, node: ir.Node, ins: Types) -> Types:
+        return self._reduce(node, ins, 18)
+
+    _ReduceMax = _ReduceMin = _ReduceProd = _ReduceL1 = _ReduceL2 = _ReduceLogSum = _ReduceMean
+    _ReduceLogSumExp = _ReduceSumSquare = _ReduceMean
+
+    def _ReduceSum(self, node: ir.Node, ins: Types) -> Types:
+        return self._reduce(node, ins, 13)
+
+    def _recurrent(self, node: ir.Node, ins: Types, gates: int) -> Types:
+        """``Y``: ``[seq, dirs, batch, hidden]``; ``Y_h``/``Y_c``: ``[dirs, batch, hidden]``
+        (``layout=1``: batch first in both)."""
+        x = ins[0] if ins else None
+        if x is None:
+            return [None] * len(node.outputs)
+        xd = _dims(x)
+        w = _dims(ins[1]) if len(ins) > 1 else None
+        direction = node.attr("direction", "forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        dirs = 2 if direction == "bidirectional" else 1
+        hidden = node.attr("hidden_size")
+        if hidden is None and w is not None and len(w) == 3 and isinstance(w[1], int):
+            hidden = w[1] // gates
+        layout = node.attr("layout", 0)
+        if xd is not None and len(xd) == 3:
+            seq, batch = (xd[1], xd[0]) if layout else (xd[0], xd[1])
+        else:
+            seq = batch = None
+        if layout:
+            y = [batch, seq, dirs, hidden]
+            state = [batch, dirs, hidden]
+        else:
+            y = [seq, dirs, batch, hidden]
+            state = [dirs, batch, hidden]
+        types: Types = [ir.TensorType(x.dtype, y), ir.TensorType(x.dtype, state)]
+        if gates == 4:
+            types.append(ir.TensorType(x.dtype, state))
+        return types[:len(node.outputs)]
+
+    def _LSTM(self, node: ir.Node, ins: Types) -> Types:
+        return self._recurrent(node, ins, 4)
+
+    def _GRU(self, node: ir.Node, ins: Types) -> Types:
+        return self._recurrent(node, ins, 3)
+
+    def _RNN(self, node: ir.Node, ins: Types) -> Types:
+        return self._recurrent(node, ins, 1)
 
     def _Shape(self, node: ir.Node, ins: Types) -> Types:
         sv = self.sym.get(node.outputs[0])

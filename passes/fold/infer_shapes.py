@@ -132,6 +132,11 @@ class _Annotator:
         # declared output and value_info shapes, so they may be stale, and a pass that turns
         # a shape into a constant (fold-constants) must only trust a proven one.
         known = value.meta.get(INFERRED_TYPE)
+        if known is None and isinstance(inferred, ir.TensorType) and inferred == value.type:
+            # The common case on a rerun: inference confirms the type the value has. Nothing to
+            # refine or contradict (the general path below reaches the same result).
+            value.meta[INFERRED_TYPE] = inferred
+            return
         value.meta[INFERRED_TYPE] = refine_type(known, inferred) or known or inferred
         if value in self.signature:
             return  # a graph output keeps its declared type

@@ -1,7 +1,8 @@
 """``fuse-affine-chain``: consecutive multiplications and additions by constants become one of each.
 
-The pass also holds the rule that splits a BatchNormalization followed by a constant Mul/Add
-into ``Mul`` + ``Add`` (see :mod:`.batch_norm`), which these rules then merge.
+The pass also holds the BatchNormalization rules (see :mod:`.batch_norm`): a per-channel Mul/Add
+after a BatchNormalization folds into its scale and bias; another constant that merges without
+growing splits it into ``Mul`` + ``Add``, which these rules then merge.
 
 Algebra (``a``, ``b``, ``c`` constants; broadcasting is associative, so every form has the
 shape ``broadcast(x, a, b, c)``)::
@@ -123,12 +124,12 @@ AFFINE_CHAIN_RULES = RuleSet([
 
 
 class FuseAffineChain(RewritePass):
-    """Merge chains of Mul/Add by constants (and a BatchNormalization they follow) into one Mul and one Add.
+    """Merge chains of Mul/Add by constants into one Mul and one Add (or into the BatchNormalization they follow).
 
     Example:
         >>> from graphopt.pipeline import PassContext
         >>> FuseAffineChain().run(model, PassContext()).counters  # doctest: +SKIP
-        {'batch-norm-to-mul-add': 62, 'merge-affine-mul': 62, 'merge-add-add': 62}
+        {'batch-norm-absorbs-mul-add': 62}
     """
 
     name = "fuse-affine-chain"

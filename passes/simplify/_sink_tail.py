@@ -28,6 +28,28 @@ Fires only when it pays and stays small:
   ``training_info``; no node of the tail has sparse initializers in its subgraphs.
 
 Function bodies are left alone.
+
+When the ``else`` branch cannot be specialized because the specialized copy always fails at run
+time (the original fails there as well), and the ``then`` branch itself checks the condition,
+the sunk ``If`` is marked :data:`THEN_ALWAYS`: its ``then`` branch may replace it. Both facts
+are required:
+
+* *the else path always fails*: a copy of the model with the specialized else branch is
+  stripped of every declared intermediate type (value_info and subgraph output shapes, which
+  runtimes do not check and exporters write from one trace), simplified (constant ``If``
+  inlining, constant folding, dead-code removal) and typed again by inference, so each type
+  left derives from operator semantics, the graph inputs' shapes (a contract onnxruntime
+  enforces) and constants. Some node at the top level of that else branch, which runs whenever
+  the branch runs, must then contradict its operator schema (onnx's per-node inference raises):
+  e.g. an ``LSTM`` fed a rank-5 tensor.
+* *the then path checks the condition*: the condition is ``Equal(Gather(Shape(x), k), 1)`` and
+  the then branch squeezes axis ``k`` of ``x``, which fails exactly when the condition is false.
+
+So every run that succeeds in the original takes the then branch, and a run that fails in the
+original still fails (in the ``Squeeze``) instead of returning values. onnx's operator schemas
+are the judge of "fails"; where a runtime kernel accepts more than its schema (onnxruntime's
+``Gemm`` also takes a rank-1 input), the worst case is a run that now fails in the ``Squeeze``
+where the original returned values: loud, never a silent change of outputs.
 """
 
 from __future__ import annotations
@@ -41,7 +63,7 @@ import onnx
 from graphopt import ir
 from graphopt.runtime import make_session
 
-__all__ = ["sink_tails"]
+__all__ = ["THEN_ALWAYS", "sink_tails"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +205,12 @@ def _condition_constant(cond: ir.Value, flag: bool, branch: ir.Graph, model: ir.
 
 
 def sink_tails(model: ir.Model, graph: ir.Graph, *, max_tail_nodes: int, pinned: set[int],
-               keep_names: set[str], allow: Callable[[str], bool]) -> int:
+               keep_names: set[str], allow: Callable[[str], bool], prove: Simplifier | None = None) -> int:
     """Sink tails of ``If`` nodes of ``graph`` into their branches; returns how many were sunk.
 
     ``allow(description)`` is asked before each rewrite (the bisect limit); False stops here.
+    ``prove(model)`` simplifies a scratch copy of the model in place; with it, a sunk ``If``
+    whose else path provably fails is marked :data:`THEN_ALWAYS` (without it, never).
     """
     if graph.function is not None:
         return 0
@@ -221,7 +245,7 @@ def sink_tails(model: ir.Model, graph: ir.Graph, *, max_tail_nodes: int, pinned:
             continue
         if not allow(f"sink {len(tail)} node(s) after If -> {node.outputs[0].name} into its branches"):
             return sunk
-        if not _sink(model, graph, node, tail, escaping):
+        if not _sink(model, graph, node, tail, escaping, prove):
             logger.debug("kept the tail of If -> %s: no branch layout loads", node.outputs[0].name)
             continue
         sunk += 1
@@ -229,7 +253,8 @@ def sink_tails(model: ir.Model, graph: ir.Graph, *, max_tail_nodes: int, pinned:
     return sunk
 
 
-def _sink(model: ir.Model, graph: ir.Graph, node: ir.Node, tail: list[ir.Node], escaping: list[ir.Value]) -> bool:
+def _sink(model: ir.Model, graph: ir.Graph, node: ir.Node, tail: list[ir.Node], escaping: list[ir.Value],
+          prove: Simplifier | None) -> bool:
     """Replace ``node`` and ``tail`` by one ``If`` whose branches hold the tail; False if none loads.
 
     A branch is *specialized* (the tail reads that branch's results, the condition is a constant)
@@ -239,6 +264,7 @@ def _sink(model: ir.Model, graph: ir.Graph, node: ir.Node, tail: list[ir.Node], 
     """
     if not _infers(model):
         return False
+    else_fails = False
     for specialize in ((True, True), (True, False), (False, True)):
         then_graph = _branch_copy(model, node, tail, escaping, True, specialize[0])
         else_graph = _branch_copy(model, node, tail, escaping, False, specialize[1])
@@ -247,7 +273,15 @@ def _sink(model: ir.Model, graph: ir.Graph, node: ir.Node, tail: list[ir.Node], 
             "then_branch": ir.Attr.from_value("then_branch", then_graph),
             "else_branch": ir.Attr.from_value("else_branch", else_graph)}, outputs=outputs)
         graph.insert_after(tail[-1], new)
-        if _infers(model):
+        loads = _infers(model)
+        if specialize == (True, True) and not loads and prove is not None \
+                and _then_checks(node.inputs[0], then_graph):
+            else_fails = _else_always_fails(model, new, escaping, prove)
+        if specialize == (True, False) and loads and else_fails:
+            new.meta[THEN_ALWAYS] = True
+            logger.debug("If -> %s: the else path always fails and the then path checks the condition",
+                         node.outputs[0].name)
+        if loads:
             for old, value in zip(escaping, outputs):
                 old.replace_all_uses_with(value, rename_graph_outputs=True)
             for inner in reversed(tail):
@@ -260,6 +294,216 @@ def _sink(model: ir.Model, graph: ir.Graph, node: ir.Node, tail: list[ir.Node], 
 
 
 _REJECTED = "sink_tail_rejected"
+
+#: ``Node.meta`` key of a sunk ``If`` whose then branch may replace it (see the module notes).
+THEN_ALWAYS = "sink_tail_then_always"
+
+
+#: Simplifies a scratch model in place (constant ``If`` inlining, folding, dead code, shapes).
+Simplifier = Callable[[ir.Model], None]
+
+
+def _else_always_fails(model: ir.Model, new: ir.Node, escaping: list[ir.Value], prove: Simplifier) -> bool:
+    """True when the else branch of ``new`` (just inserted in ``model``, to yield ``escaping``)
+    fails whenever it runs.
+
+    Works on a scratch copy stripped of declared intermediate types, in which ``new`` replaces
+    the values it is to yield (so that dead-code removal keeps it); see the module notes.
+    """
+    marker = model.unique_name("sunk_if")
+    saved = new.name
+    new.name = marker
+    try:
+        proto = ir.to_proto(model)
+    except Exception:  # noqa: BLE001 - a model that cannot be written proves nothing
+        return False
+    finally:
+        new.name = saved
+    _strip_types(proto.graph, top=True)
+    try:
+        scratch = ir.load(proto)
+        probe = next((n for n in scratch.all_nodes() if n.name == marker and _is_if(n)), None)
+        if probe is None or probe.graph is None:
+            return False
+        by_name = {v.name: v for n in probe.graph for v in n.outputs if n is not probe}
+        for old, value in zip(escaping, probe.outputs):
+            if old.name not in by_name:
+                return False
+            by_name[old.name].replace_all_uses_with(value, rename_graph_outputs=True)
+        prove(scratch)
+    except Exception as exc:  # noqa: BLE001 - a failed proof only means the If stays
+        logger.debug("no proof for If %s: %s", marker, exc)
+        return False
+    try:
+        typed = onnx.shape_inference.infer_shapes(ir.to_proto(scratch), data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - without types nothing is proven
+        logger.debug("no proof for If %s: %s", marker, exc)
+        return False
+    found = _find_node(typed.graph, marker)
+    if found is None:
+        return False
+    branch = next((a.g for a in found[0].attribute if a.name == "else_branch"), None)
+    if branch is None:
+        return False
+    # Outer values take the types inference found; the branch is then typed node by node, in
+    # order, so a contradiction stops only the nodes after it.
+    types = _known_types(typed.graph, {})
+    constants = _small_constants(typed.graph, {})
+    opsets = {o.domain: o.version for o in typed.opset_import}
+    return any(_contradicts_schema(n, types, constants, opsets) for n in branch.node)
+
+
+def _find_node(graph: onnx.GraphProto, name: str) -> tuple[onnx.NodeProto, onnx.GraphProto] | None:
+    """The node called ``name`` anywhere in ``graph`` and the graph that holds it."""
+    for node in graph.node:
+        if node.name == name:
+            return node, graph
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                hit = _find_node(sub, name)
+                if hit is not None:
+                    return hit
+    return None
+
+
+def _small_constants(graph: onnx.GraphProto, found: dict[str, onnx.TensorProto]) -> dict[str, onnx.TensorProto]:
+    """Initializers and ``Constant`` values of at most 64 elements, by name, over every graph."""
+    for tensor in graph.initializer:
+        if int(np.prod(tensor.dims)) <= 64:
+            found.setdefault(tensor.name, tensor)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value" \
+                and int(np.prod(node.attribute[0].t.dims)) <= 64:
+            found.setdefault(node.output[0], node.attribute[0].t)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _small_constants(sub, found)
+    return found
+
+
+def _known_types(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
+    """Types by value name over ``graph`` and its subgraphs (names are unique model-wide)."""
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            types.setdefault(info.name, info.type)
+    for tensor in graph.initializer:
+        types.setdefault(tensor.name, onnx.helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims)))
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensor = node.attribute[0].t
+            types.setdefault(node.output[0], onnx.helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims)))
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                _known_types(sub, types)
+    return types
+
+
+def _contradicts_schema(node: onnx.NodeProto, types: dict[str, onnx.TypeProto],
+                        constants: dict[str, onnx.TensorProto], opsets: dict[str, int]) -> bool:
+    """True when onnx's inference for ``node`` alone rejects its input types in ``types``.
+
+    Otherwise the output types it finds are added to ``types``.
+    """
+    if node.domain not in ("", "ai.onnx") or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                                 for a in node.attribute):
+        return False
+    version = opsets.get("", opsets.get("ai.onnx"))
+    if version is None:
+        return False
+    try:
+        schema = onnx.defs.get_schema(node.op_type, version, "")
+    except Exception:  # noqa: BLE001 - an operator onnx does not know proves nothing
+        return False
+    inputs = [name for name in node.input if name]
+    if any(name not in types for name in inputs):
+        return False  # an unknown input type: inference could only complain about that
+    try:
+        outputs = onnx.shape_inference.infer_node_outputs(
+            schema, node, {name: types[name] for name in inputs},
+            input_data={name: constants[name] for name in inputs if name in constants})
+    except onnx.shape_inference.InferenceError as exc:
+        logger.debug("%s contradicts its schema: %s", node.op_type, exc)
+        return True
+    except Exception:  # noqa: BLE001 - anything else proves nothing
+        return False
+    for name, value_type in outputs.items():
+        if value_type.HasField("tensor_type") and value_type.tensor_type.HasField("shape"):
+            types[name] = value_type  # the next nodes read it
+    return False
+
+
+def _strip_types(graph: onnx.GraphProto, *, top: bool) -> None:
+    """Drop value_info and output shapes (graph inputs of the main graph keep theirs)."""
+    del graph.value_info[:]
+    for out in graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+    if not top:
+        for value in graph.input:
+            if value.type.HasField("tensor_type"):
+                value.type.tensor_type.ClearField("shape")
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _strip_types(attr.g, top=False)
+            for sub in attr.graphs:
+                _strip_types(sub, top=False)
+
+
+def _then_checks(cond: ir.Value | None, branch: ir.Graph) -> bool:
+    """True when ``cond`` is ``Equal(Gather(Shape(x), k), 1)`` and ``branch`` squeezes axis ``k`` of ``x``."""
+    found = _unit_dim_test(cond)
+    if found is None:
+        return False
+    x, axis = found
+    rank = x.shape.rank if x.shape is not None else None
+    target = axis + rank if axis < 0 and rank is not None else axis
+    for node in branch:
+        if node.op_type != "Squeeze" or node.domain not in ("", "ai.onnx") or not node.inputs \
+                or node.inputs[0] is not x or not node.outputs[0].has_uses():
+            continue
+        if (node.version or 0) >= 13:
+            axes = _small_ints(node.inputs[1] if len(node.inputs) > 1 else None)
+        else:
+            axes = [int(a) for a in node.attr("axes", ())] or None
+        if not axes:
+            continue  # no axes: removes every 1, checks nothing
+        normalized = [a + rank if a < 0 and rank is not None else a for a in axes]
+        if axis in axes or (target >= 0 and target in normalized):
+            return True
+    return False
+
+
+def _unit_dim_test(cond: ir.Value | None) -> tuple[ir.Value, int] | None:
+    """``(x, k)`` when ``cond`` is ``Equal(Gather(Shape(x), k), 1)`` (either operand order)."""
+    node = cond.producer if cond is not None else None
+    if node is None or node.op_type != "Equal" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return None
+    for gathered, one in (node.inputs, tuple(reversed(node.inputs))):
+        if _small_ints(one) != [1] or gathered is None:
+            continue
+        gather = gathered.producer
+        if gather is None or gather.op_type != "Gather" or gather.domain not in ("", "ai.onnx") \
+                or gather.attr("axis", 0) != 0 or len(gather.inputs) != 2:
+            continue
+        index = _small_ints(gather.inputs[1])
+        shape = gather.inputs[0].producer if gather.inputs[0] is not None else None
+        if index is None or len(index) != 1 or shape is None or shape.op_type != "Shape" \
+                or shape.domain not in ("", "ai.onnx") or not shape.inputs or shape.inputs[0] is None \
+                or shape.attr("start", 0) != 0 or shape.attr("end") is not None:
+            continue
+        return shape.inputs[0], index[0]
+    return None
+
+
+def _small_ints(value: ir.Value | None) -> list[int] | None:
+    """The elements of a constant integer tensor of at most 8 elements, else ``None``."""
+    if value is None or not value.is_constant() or not isinstance(value.const_value, ir.Tensor):
+        return None
+    array = value.const_value.numpy()
+    if array.size > 8 or not np.issubdtype(array.dtype, np.integer):
+        return None
+    return [int(v) for v in array.reshape(-1)]
 
 
 def _infers(model: ir.Model) -> bool:

@@ -25,7 +25,9 @@ turn, and every remaining subgraph (also ``Loop``/``Scan`` bodies and functions)
 Then, where an ``If`` is followed by other ``If`` nodes whose conditions test the shapes of its
 results (exporters emit such chains for ``squeeze(-1)`` and rank checks), the nodes after it move
 into both of its branches, where those conditions become constants for the next round of folding
-(``sink_tails`` option, ``max_tail_nodes`` caps the moved nodes; see ``_sink_tail``).
+(``sink_tails`` option, ``max_tail_nodes`` caps the moved nodes; see ``_sink_tail``). A sunk
+``If`` whose else path is proven to always fail and whose then branch checks the condition
+itself is replaced by its then branch (``_sink_tail.THEN_ALWAYS`` states the proof).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from collections import deque
 
 from graphopt import ir
 from graphopt.passes.simplify._common import is_default_domain, pinned_outputs, training_names
-from graphopt.passes.simplify._sink_tail import sink_tails
-from graphopt.pipeline import Pass, PassContext, PassResult
+from graphopt.passes.simplify._sink_tail import THEN_ALWAYS, sink_tails
+from graphopt.pipeline import Pass, PassContext, PassManager, PassResult
 from graphopt.rewrite import constant_value
 
 __all__ = ["InlineConstantIf"]
@@ -51,8 +53,9 @@ class _Stop(Exception):
 class InlineConstantIf(Pass):
     """Inline the taken branch of every ``If`` whose condition is a constant, at every depth.
 
-    Counters: ``inlined-ifs`` (``If`` nodes replaced), ``moved-nodes`` (branch nodes moved out)
-    and ``sunk-tails`` (``If`` nodes whose following nodes moved into their branches).
+    Counters: ``inlined-ifs`` (``If`` nodes replaced, sunk ones whose else path always fails
+    included), ``moved-nodes`` (branch nodes moved out) and ``sunk-tails`` (``If`` nodes whose
+    following nodes moved into their branches).
 
     Options:
         sink_tails: move the nodes after an ``If`` into its branches when later ``If`` conditions
@@ -81,6 +84,9 @@ class InlineConstantIf(Pass):
                 state.run_graph(graph)
             if self.config["sink_tails"]:
                 sunk = self._sink(model, ctx, state)
+                if sunk:
+                    for graph in roots:
+                        state.run_graph(graph)  # the sunk Ifs whose then branch always runs
         except _Stop:
             pass
         if state.inlined or sunk:
@@ -100,13 +106,22 @@ class InlineConstantIf(Pass):
             stopped.append(True)
             return False
 
+        def prove(scratch: ir.Model) -> None:
+            # A private context: the scratch copy must not count against the bisect limit.
+            PassManager(_PROOF_PIPELINE, PassContext(opt_level=2, registry=ctx.get_registry())).run(scratch)
+
         sunk = 0
         for graph in list(model.all_graphs()):
             if stopped:
                 break
             sunk += sink_tails(model, graph, max_tail_nodes=int(self.config["max_tail_nodes"]), pinned=pinned,
-                               keep_names=state.keep_names, allow=allow)
+                               keep_names=state.keep_names, allow=allow, prove=prove)
         return sunk
+
+
+#: What simplifies the scratch copy in which a sunk ``If``'s else path is proven to fail.
+_PROOF_PIPELINE = ("topo-sort,infer-shapes,fixpoint<max=4>(inline-constant-if<sink-tails=false>,fold-constants,"
+                   "eliminate-dead-code,infer-shapes)")
 
 
 class _Inliner:
@@ -187,11 +202,14 @@ class _Inliner:
     def taken_branch(self, node: ir.Node, graph: ir.Graph) -> tuple[ir.Graph | None, str]:
         """The branch to inline, or ``None`` and why the ``If`` stays."""
         cond = constant_value(node.inputs[0]) if node.inputs else None
-        if cond is None:
+        if cond is None and node.meta.get(THEN_ALWAYS):
+            attr = "then_branch"  # every run that succeeds takes it (see _sink_tail)
+        elif cond is None:
             return None, "the condition is not a constant"
-        if cond.size != 1:
+        elif cond.size != 1:
             return None, f"the condition has {cond.size} elements"
-        attr = "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"
+        else:
+            attr = "then_branch" if bool(cond.reshape(-1)[0]) else "else_branch"
         branch = node.attr(attr)
         if not isinstance(branch, ir.Graph):
             return None, f"{attr} is missing"

@@ -18,7 +18,25 @@ and intermediates that are graph outputs):
   from 13; the merged node uses the form of its opset.
 * ``Squeeze(Unsqueeze(x, a), a) = x`` (the inserted dims are the removed ones) and
   ``Unsqueeze(Squeeze(x, a), a) = x`` (``Squeeze`` only removes dims of size 1, which come back).
-  A ``Squeeze`` without axes removes every 1 and is left alone.
+  A ``Squeeze`` without axes removes every 1 and is left alone. The result is ``x`` itself, so
+  these two also fire when the intermediate has other readers (it stays for them).
+* ``Unsqueeze(Squeeze(x, a), b)`` with as many axes in ``b`` as in ``a`` and every dim of ``x``
+  at ``a`` known to be 1 moves only dims of size 1, so the element order is unchanged: it is
+  ``Transpose(x, p)`` (``p`` puts the squeezed dims at ``b``, the others in order in the
+  remaining slots) and, where the result's shape can be written as a target, a ``Reshape``
+  (no copy in onnxruntime, where a Transpose copies): a known dim as itself, an unknown dim
+  that keeps its position as 0, at most one other unknown dim as -1 (not with a known 0 dim,
+  which would leave -1 undetermined). Must not fire when a squeezed dim is not known to be 1
+  (then ``Squeeze`` is a check the model relies on) or when the intermediate has other readers
+  (two nodes would still run).
+* ``Unsqueeze(Gather(x, i, axis=a), [a]) = Slice(x, [i], [i + 1], [a])`` for a constant scalar
+  index ``i``: the gather drops axis ``a``, the unsqueeze puts it back with size 1; ``i = -1``
+  slices to the end (``i + 1 = 0`` would be empty). Needs opset 13 (axes as inputs), the dim of
+  ``x`` at ``a`` known with ``-dim <= i < dim`` (out of range, Gather fails but Slice would
+  clamp), and the unsqueeze to restore exactly axis ``a``. Never for a 1-D index tensor (the
+  gathered axis stays), index values computed at run time, or a 1-D ``x``: shape arithmetic
+  (``Unsqueeze(Gather(Shape(x), i))``) stays in the form the symbolic folder and the fusion
+  patterns read.
 * ``Cast(Cast(x, T1), T2) = Cast(x, T2)`` when every value of ``x``'s type is exact in ``T1``
   (``float32 -> float64 -> float32`` merges, and then is no cast at all). Must not fire when
   ``T1`` loses information: ``float32 -> int32 -> float32`` truncates, ``int32 -> float32 ->
@@ -36,7 +54,7 @@ import onnx
 
 from graphopt import ir
 from graphopt.passes.simplify._common import dims_of, int_list, node_axes, normalize_axes
-from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet
+from graphopt.rewrite import Failure, MatchContext, RewritePass, Rule, RuleSet, constant_value
 
 __all__ = ["MERGE_CHAIN_RULES", "MergeChains", "is_exact_widening"]
 
@@ -214,8 +232,19 @@ def _same_axes(first: ir.Node, second: ir.Node, rank: int | None) -> bool:
     return na is not None and nb is not None and len(set(na)) == len(na) and set(na) == set(nb)
 
 
-def _check_unsqueeze_squeeze(ctx: MatchContext, x: ir.Value, inner: ir.Node, outer: ir.Node) -> CheckResult:
-    rank = _rank(x)
+def _inner_of(y: ir.Value, op_type: str) -> ir.Node | None:
+    """The default-domain ``op_type`` node producing ``y``, whatever else reads ``y``."""
+    node = y.producer
+    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return None
+    return node if node.inputs[0] is not None else None
+
+
+def _check_unsqueeze_squeeze(ctx: MatchContext, y: ir.Value, outer: ir.Node) -> CheckResult:
+    inner = _inner_of(y, "Unsqueeze")
+    if inner is None:
+        return Failure("the input of Squeeze is not an Unsqueeze")
+    rank = _rank(inner.inputs[0])
     axes = _given_axes(inner)
     full = None if rank is None or axes is None else rank + len(axes)
     if not _same_axes(inner, outer, full):
@@ -223,14 +252,110 @@ def _check_unsqueeze_squeeze(ctx: MatchContext, x: ir.Value, inner: ir.Node, out
     return True
 
 
-def _check_squeeze_unsqueeze(ctx: MatchContext, x: ir.Value, inner: ir.Node, outer: ir.Node) -> CheckResult:
-    if not _same_axes(inner, outer, _rank(x)):
+def _check_squeeze_unsqueeze(ctx: MatchContext, y: ir.Value, outer: ir.Node) -> CheckResult:
+    inner = _inner_of(y, "Squeeze")
+    if inner is None:
+        return Failure("the input of Unsqueeze is not a Squeeze")
+    if not _same_axes(inner, outer, _rank(inner.inputs[0])):
         return Failure("Unsqueeze does not restore exactly the dims Squeeze removed")
     return True
 
 
-def _keep_x(op: Any, x: ir.Value) -> ir.Value:
-    return x
+def _inner_input(op: Any, y: ir.Value) -> ir.Value:
+    producer = y.producer
+    assert producer is not None and producer.inputs[0] is not None
+    return producer.inputs[0]
+
+
+def _unit_move_perm(x: ir.Value, inner: ir.Node, outer: ir.Node) -> list[int] | None:
+    """The ``perm`` of ``Transpose(x)`` equal to ``Unsqueeze(Squeeze(x, a), b)``, or ``None``."""
+    dims = dims_of(x)
+    first, second = _given_axes(inner), _given_axes(outer)
+    if dims is None or first is None or second is None or len(first) != len(second):
+        return None
+    removed = normalize_axes(first, len(dims))
+    inserted = normalize_axes(second, len(dims))
+    if removed is None or inserted is None or len(set(removed)) != len(removed) \
+            or len(set(inserted)) != len(inserted) or any(dims[a] != 1 for a in removed):
+        return None
+    kept = iter(i for i in range(len(dims)) if i not in set(removed))
+    moved = iter(sorted(removed))
+    slots = set(inserted)
+    return [next(moved) if i in slots else next(kept) for i in range(len(dims))]
+
+
+def _check_unit_move(ctx: MatchContext, x: ir.Value, inner: ir.Node, outer: ir.Node) -> CheckResult:
+    if _same_axes(inner, outer, _rank(x)):
+        return Failure("the axes are the same (cancel-squeeze-unsqueeze)")
+    if _unit_move_perm(x, inner, outer) is None:
+        return Failure("the axes differ in number, are not constants, or a squeezed dim is not known to be 1")
+    return True
+
+
+def _reshape_target(dims: tuple[ir.Dim, ...], perm: list[int]) -> list[int] | None:
+    """The ``Reshape`` target of ``Transpose(x, perm)`` for ``x`` of ``dims``, or ``None``."""
+    target: list[int] = []
+    for i, source in enumerate(perm):
+        dim = dims[source]
+        if isinstance(dim, int):
+            target.append(dim)
+        elif source == i:
+            target.append(0)  # copies the dim at the same position
+        elif -1 in target:
+            return None
+        else:
+            target.append(-1)
+    return None if -1 in target and 0 in [d for d in dims if isinstance(d, int)] else target
+
+
+def _unit_move(op: Any, x: ir.Value, inner: ir.Node, outer: ir.Node) -> ir.Value | None:
+    perm = _unit_move_perm(x, inner, outer)
+    dims = dims_of(x)
+    if perm is None or dims is None:
+        return None
+    target = _reshape_target(dims, perm)
+    if target is None:
+        return op.Transpose(x, perm=perm)
+    return op.Reshape(x, op.initializer(np.array(target, dtype=np.int64), name_hint="shape"))
+
+
+# -- Gather of one index, then Unsqueeze -------------------------------------------------------
+def _gather_slice(x: ir.Value, index: ir.Value, inner: ir.Node, outer: ir.Node) -> tuple[int, int] | None:
+    """``(i, axis)`` when ``Unsqueeze(Gather(x, i))`` is ``Slice(x, i:i+1, axis)``, else ``None``."""
+    if (outer.version or 0) < 13 or (inner.version or 0) < 13:
+        return None
+    position = constant_value(index)
+    dims = dims_of(x)
+    if position is None or position.ndim != 0 or not np.issubdtype(position.dtype, np.integer) \
+            or dims is None or len(dims) < 2:
+        return None
+    gathered = normalize_axes([inner.attr("axis", 0)], len(dims))
+    restored = normalize_axes(list(_given_axes(outer) or ()), len(dims))
+    if gathered is None or restored != gathered:
+        return None
+    size, i = dims[gathered[0]], int(position)
+    if not isinstance(size, int) or not -size <= i < size:
+        return None
+    return i, gathered[0]
+
+
+def _check_gather_unsqueeze(ctx: MatchContext, x: ir.Value, index: ir.Value, inner: ir.Node,
+                            outer: ir.Node) -> CheckResult:
+    if _gather_slice(x, index, inner, outer) is None:
+        return Failure("not a constant scalar index in range of a known dim of a tensor of rank >= 2, "
+                       "unsqueezed back on its axis (opset 13+)")
+    return True
+
+
+def _gather_to_slice(op: Any, x: ir.Value, index: ir.Value, inner: ir.Node, outer: ir.Node) -> ir.Value | None:
+    found = _gather_slice(x, index, inner, outer)
+    if found is None:
+        return None
+    i, axis = found
+    end = np.iinfo(np.int64).max if i == -1 else i + 1
+    return op.Slice(x, op.initializer(np.array([i], dtype=np.int64), name_hint="starts"),
+                    op.initializer(np.array([end], dtype=np.int64), name_hint="ends"),
+                    op.initializer(np.array([axis], dtype=np.int64), name_hint="axes"))
 
 
 # -- Cast --------------------------------------------------------------------------------------
@@ -266,14 +391,22 @@ MERGE_CHAIN_RULES = RuleSet([
          lambda op, x: op.Unsqueeze(op.Unsqueeze(x, _allow_other_inputs=True, _name="inner"),
                                     _allow_other_inputs=True, _name="outer"),
          _merge_unsqueezes, check=_check_unsqueezes),
+    # The cancels match the outer node alone: their result is the inner node's input, so the
+    # inner node may keep other readers.
     Rule("cancel-unsqueeze-squeeze",
-         lambda op, x: op.Squeeze(op.Unsqueeze(x, _allow_other_inputs=True, _name="inner"),
-                                  _allow_other_inputs=True, _name="outer"),
-         _keep_x, check=_check_unsqueeze_squeeze),
+         lambda op, y: op.Squeeze(y, _allow_other_inputs=True, _name="outer"),
+         _inner_input, check=_check_unsqueeze_squeeze),
     Rule("cancel-squeeze-unsqueeze",
+         lambda op, y: op.Unsqueeze(y, _allow_other_inputs=True, _name="outer"),
+         _inner_input, check=_check_squeeze_unsqueeze),
+    Rule("squeeze-unsqueeze-to-reshape",
          lambda op, x: op.Unsqueeze(op.Squeeze(x, _allow_other_inputs=True, _name="inner"),
                                     _allow_other_inputs=True, _name="outer"),
-         _keep_x, check=_check_squeeze_unsqueeze),
+         _unit_move, check=_check_unit_move),
+    Rule("gather-unsqueeze-to-slice",
+         lambda op, x, index: op.Unsqueeze(op.Gather(x, index, _name="inner"), _allow_other_inputs=True,
+                                           _name="outer"),
+         _gather_to_slice, check=_check_gather_unsqueeze),
     Rule("merge-cast-cast",
          lambda op, x: op.Cast(op.Cast(x, _name="inner"), _name="outer"),
          _merge_casts, check=_check_casts),
@@ -294,5 +427,7 @@ class MergeChains(RewritePass):
     name = "merge-chains"
     opt_level = 2
     requires = frozenset({"shapes-inferred"})
-    preserves = frozenset({"topo-sorted", "shapes-inferred"})
+    # Not "shapes-inferred": a merged chain (a Reshape, Transpose or Slice in place of two nodes)
+    # can give the nodes after it more precise shapes, which the next rules read.
+    preserves = frozenset({"topo-sorted"})
     rules = MERGE_CHAIN_RULES

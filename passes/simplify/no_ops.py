@@ -22,6 +22,13 @@ values *and* the type of ``x``; the replacement must have ``y``'s element type a
 * ``Slice`` over every listed axis from its start to its end with step 1: starts clamp to 0
   (0, or at most ``-dim``), ends clamp to the dim (at least the dim, or at least ``INT_MAX``).
 * ``Concat``, ``Sum``, ``Max``, ``Min``, ``Mean`` of a single input.
+* ``ReduceMean``, ``ReduceMax``, ``ReduceMin``, ``ReduceSum``, ``ReduceProd`` over axes whose
+  dims are all known to be 1 (each output element is the one input element it covers, exactly):
+  with ``keepdims=1`` the identity, with ``keepdims=0`` the ``Squeeze`` of those axes (the one
+  rule here whose result is not ``x`` itself). Never for ``ReduceL1``/``ReduceL2``
+  (``|x|``), ``ReduceSumSquare`` (``x*x``), ``ReduceLogSum``/``ReduceLogSumExp`` (rounding),
+  for axes computed at run time, for empty axes (all axes, or none with
+  ``noop_with_empty_axes``), nor when a reduced dim is unknown or symbolic.
 * ``x*1``, ``1*x``, ``x+0``, ``0+x``, ``x-0``, ``x/1`` (opset 7+ broadcasting) when the
   constant is all ones or zeros *and* broadcasting keeps the shape of ``x``: ``x * ones(2, 3)``
   with ``x`` of shape ``[3]`` is a broadcast, not a no-op. ``0 - x`` and ``1 / x`` are not
@@ -291,6 +298,48 @@ def _check_zeros(ctx: MatchContext, x: ir.Value, c: ir.Value, node: ir.Node) -> 
     return _identity_constant(ctx, x, c, node, 0)
 
 
+# -- Reductions over dims of size 1 -----------------------------------------------------------
+#: Reductions whose value over a single element is that element, exactly.
+_UNIT_EXACT_REDUCTIONS = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd")
+
+
+def _unit_reduce_axes(x: ir.Value, node: ir.Node) -> list[int] | None:
+    """The non-negative reduced axes of ``node`` when each is a known dim of size 1, else ``None``."""
+    since = 13 if node.op_type == "ReduceSum" else 18
+    axes = node_axes(node, input_since=since)
+    dims = dims_of(x)
+    if not axes or dims is None:
+        return None
+    norm = normalize_axes(axes, len(dims))
+    if norm is None or len(set(norm)) != len(norm) or any(dims[a] != 1 for a in norm):
+        return None
+    return sorted(norm)
+
+
+def _check_unit_reduce(ctx: MatchContext, x: ir.Value, node: ir.Node) -> CheckResult:
+    if _unit_reduce_axes(x, node) is None:
+        return Failure(f"the axes are not constants, are empty, or a reduced dim of '{x.name}' is not known to be 1")
+    return True
+
+
+def _unit_reduce(op: Any, x: ir.Value, node: ir.Node) -> ir.Value | None:
+    axes = _unit_reduce_axes(x, node)
+    if axes is None or node.version is None:
+        return None
+    if node.attr("keepdims", 1):
+        return x
+    if node.version >= 13:
+        return op.Squeeze(x, op.initializer(np.array(axes, dtype=np.int64), name_hint="axes"))
+    return op.Squeeze(x, axes=axes)
+
+
+def _unit_reduce_rule(op_type: str) -> Rule:
+    def pattern(op: Any, x: Any) -> Any:
+        return getattr(op, op_type)(x, _allow_other_inputs=True, _name="node")
+
+    return Rule(f"drop-unit-{op_type.lower()}", pattern, _unit_reduce, check=_check_unit_reduce)
+
+
 def _single_input_rule(op_type: str) -> Rule:
     def pattern(op: Any, x: Any) -> Any:
         return getattr(op, op_type)(x)
@@ -324,6 +373,7 @@ NO_OP_RULES = RuleSet([
     Rule("drop-sub-zero", lambda op, x, c: op.Sub(x, c, _name="node"), _keep_input, check=_check_zeros),
     Rule("drop-div-by-one", lambda op, x, c: op.Div(x, c, _name="node"), _keep_input, check=_check_ones),
     *(_single_input_rule(op_type) for op_type in ("Concat", "Sum", "Max", "Min", "Mean")),
+    *(_unit_reduce_rule(op_type) for op_type in _UNIT_EXACT_REDUCTIONS),
 ])
 
 

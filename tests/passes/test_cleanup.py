@@ -366,6 +366,35 @@ def test_dedup_reads_only_weights_that_share_dtype_shape_and_size() -> None:
     assert [n.inputs[1].name for n in model.graph if n.op_type in ("Add", "Mul")] == ["w1", "w1"]
 
 
+def test_dedup_keys_small_constants_by_their_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small plain constants merge by exact bytes, with no digest: -0.0 is not 0.0, a NaN equals itself."""
+    def no_digest(self: ir.Tensor) -> str:
+        raise AssertionError("a small constant was hashed")
+
+    monkeypatch.setattr(ir.Tensor, "digest", no_digest)
+    source = _parse("""
+        g (float[2] x) => (float[2] y)
+          <float[2] z1 = {0, 1}, float[2] z2 = {0, 1}, float[2] neg = {-0.0, 1}, float[2] n1 = {nan, 2},
+           float[2] n2 = {nan, 2}>
+        {
+          a = Add(x, z1)
+          b = Add(a, z2)
+          c = Add(b, neg)
+          d = Mul(c, n1)
+          y = Sub(d, n2)
+        }""")
+    model = ir.load(source)
+    computed = model.graph.add_initializer("computed", ir.ArrayTensor(np.array([0, 1], np.float32)))
+    model.graph.append(ir.Node("", "Identity", [computed]))  # read, so it stays
+    result = DedupInitializers().run(model, PassContext())
+    assert result.counters == {"removed-initializers": 3, "saved-bytes": 24}
+    assert set(model.graph.initializers) == {"z1", "neg", "n1"}
+    assert [n.inputs[1].name for n in model.graph if n.op_type != "Identity"] == ["z1", "z1", "neg", "n1", "n1"]
+    assert next(n for n in model.graph if n.op_type == "Identity").inputs[0].name == "z1"
+    model.graph.remove(next(n for n in model.graph if n.op_type == "Identity"))
+    _same_numbers(source, model)
+
+
 def test_dedup_does_not_merge_distinct_bfloat16_arrays() -> None:
     # Regression: ArrayTensor bytes of dtypes numpy lacks came out empty, so all digests matched.
     graph = ir.Graph("g")
@@ -419,6 +448,36 @@ def test_topo_sort_names_the_graph_with_a_cycle() -> None:
     model = ir.load(_parse("g (float[2] x) => (float[2] y) { a = Add(x, b)  b = Neg(a)  y = Relu(b) }"))
     with pytest.raises(VerificationError, match="cycle"):
         TopoSort().run(model, PassContext())
+
+
+def test_dead_code_keeps_inferred_shapes_valid() -> None:
+    """No infer-shapes rerun after dead code goes, and a rerun would find nothing new."""
+    source = _parse("""
+        g (float[N, 4] x) => (float[N, 2, 2] y)
+          <float[4] w = {1, 2, 3, 4}, int64[3] unused = {-1, 2, 2}>
+        {
+          s = Shape(x)
+          dead = Mul(x, w)
+          dead2 = Reshape(dead, unused)
+          n = Gather(s, zero)
+          zero = Constant<value = int64[1] {0}>()
+          two = Constant<value = int64[2] {2, 2}>()
+          target = Concat<axis = 0>(n, two)
+          y = Reshape(x, target)
+        }
+        """)
+    model = ir.load(source)
+    report = PassManager("topo-sort,infer-shapes,eliminate-dead-code,fold-constants",
+                         PassContext(registry=PassRegistry.default(plugins=False))).run(model)
+    assert [r.name for r in report.records] == ["topo-sort", "infer-shapes", "eliminate-dead-code", "fold-constants"]
+    assert report.records[2].changed
+    assert "Mul" not in _ops(model.graph) and "unused" not in model.graph.initializers
+    typed = {v.name: v.type for n in model.graph for v in n.outputs}
+    assert typed["target"] == ir.TensorType(onnx.TensorProto.INT64, [3])
+    rerun = PassManager("infer-shapes", PassContext(registry=PassRegistry.default(plugins=False))).run(model)
+    assert not rerun.changed
+    assert {v.name: v.type for n in model.graph for v in n.outputs} == typed
+    _same_numbers(source, model)
 
 
 def test_pass_requiring_topo_sorted_gets_it_first() -> None:

@@ -11,7 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import ir
-from graphopt.passes.cleanup.dedup_transposed import DedupTransposedInitializers, same_bits, transposition_of
+from graphopt.passes.cleanup import dedup_transposed
+from graphopt.passes.cleanup.dedup_transposed import (DedupTransposedInitializers, corner_key, same_bits,
+                                                    transposition_of)
 from graphopt.pipeline import PassContext, PassManager, PassRegistry
 from graphopt.runtime import compare_outputs, run_model
 
@@ -76,6 +78,63 @@ def test_a_single_different_element_keeps_both(differ: bool) -> None:
     assert set(graph.graph.initializers) == {"wte", "head"}
 
 
+def test_a_different_middle_element_keeps_both() -> None:
+    """Equal corners pass the prefilter; with no samples the full comparison alone must refuse."""
+    source = tied_model()
+    head = numpy_helper.to_array(source.graph.initializer[1]).copy()
+    head[31, 150] = np.nextafter(head[31, 150], np.float32(np.inf))
+    source.graph.initializer[1].CopyFrom(numpy_helper.from_array(head, "head"))
+    graph, counters = _run(source, "dedup-transposed-initializers<min-bytes=0,samples=0>")
+    assert not counters.get("removed-initializers")
+    assert set(graph.graph.initializers) == {"wte", "head"}
+
+
+def _model_with_unrelated_weights(count: int) -> onnx.ModelProto:
+    """The tied pair plus ``count`` unrelated [64, 300] weights of the same size, each read by a MatMul."""
+    source = tied_model()
+    rng = np.random.default_rng(7)
+    for i in range(count):
+        other = rng.standard_normal((64, 300)).astype(np.float32)
+        source.graph.initializer.append(numpy_helper.from_array(other, f"w{i}"))
+        source.graph.node.append(helper.make_node("MatMul", ["h", f"w{i}"], [f"y{i}"]))
+        source.graph.output.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["B", "S", 300]))
+    return source
+
+
+def test_only_weights_with_equal_corners_are_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unrelated weights of equal size differ in their first or last element: no pair of them is compared."""
+    compared: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    real = dedup_transposed.transposition_of
+
+    def spy(original: np.ndarray, duplicate: np.ndarray, **kwargs: object) -> object:
+        compared.append((original.shape, duplicate.shape))
+        return real(original, duplicate, **kwargs)
+
+    monkeypatch.setattr(dedup_transposed, "transposition_of", spy)
+    source = _model_with_unrelated_weights(4)
+    graph, counters = _run(source, "dedup-transposed-initializers<min-bytes=0>")
+    assert compared == [((300, 64), (64, 300))]  # 6 weights, 15 pairs: only wte/head is compared
+    assert counters["removed-initializers"] == 1
+    assert set(graph.graph.initializers) >= {"wte", "w0", "w1", "w2", "w3"} and "head" not in graph.graph.initializers
+    ids = np.random.default_rng(1).integers(0, 300, (2, 5)).astype(np.int64)
+    expected, actual = run_model(source, {"ids": ids}), run_model(ir.to_proto(graph), {"ids": ids})
+    assert set(expected) == set(actual)
+    for name in expected:
+        np.testing.assert_array_equal(expected[name], actual[name])
+
+
+def test_corner_key_is_invariant_under_transposes_and_reshapes() -> None:
+    w = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
+    key = corner_key(w)
+    for perm in [(0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]:
+        assert corner_key(np.ascontiguousarray(w.transpose(perm))) == key
+    assert corner_key(w.reshape(12, 5)) == corner_key(w.reshape(-1)) == key
+    assert corner_key(w[::-1].copy()) != key
+    assert corner_key(-np.zeros((2, 2), np.float32)) != corner_key(np.zeros((2, 2), np.float32))  # bits, not values
+    assert corner_key(np.float32(3.0).reshape(())) == corner_key(np.array([3.0], np.float32))
+    assert corner_key(np.zeros((0, 4), np.float32)) == b""
+
+
 def test_overridable_weights_of_ir3_models_stay() -> None:
     graph, counters = _run(tied_model(ir_version=3), "dedup-transposed-initializers<min-bytes=0>")
     assert not counters.get("removed-initializers")
@@ -119,12 +178,17 @@ def test_bisect_limit_is_honoured() -> None:
 
 
 def test_o3_folds_the_transpose_into_the_product() -> None:
-    """At -O3 the product reads wte transposed in place (Gemm transB): no Transpose runs at all."""
+    """At -O3 the product reads wte transposed in place (transB): no Transpose runs at all.
+
+    The product is the Gemm this pass writes, or the contrib FusedMatMul that -O3's contrib
+    group may make of it; either way it reads ``wte`` itself with ``transB=1``.
+    """
     source = tied_model(vocab=4200, hidden=64)
     graph, counters = _run(source, "O3")
     assert counters["removed-initializers"] == 1
-    ops = [n.op_type for n in graph.graph]
-    assert "Transpose" not in ops and "Gemm" in ops
+    assert "Transpose" not in [n.op_type for n in graph.graph]
+    products = [n for n in graph.graph if n.op_type in ("Gemm", "FusedMatMul")]
+    assert len(products) == 1 and products[0].inputs[1].name == "wte" and products[0].attr("transB") == 1
     ids = np.random.default_rng(1).integers(0, 4200, (2, 5)).astype(np.int64)
     expected = run_model(source, {"ids": ids})
     actual = run_model(ir.to_proto(graph), {"ids": ids})
@@ -156,6 +220,19 @@ def test_comparison_is_bitwise() -> None:
     assert transposition_of(nan, np.ascontiguousarray(nan.T)) == ("transpose", (1, 0))
 
 
+@pytest.mark.parametrize("perm", [(1, 0, 2), (2, 0, 1), (1, 2, 0), (2, 1, 0), (0, 2, 1)])
+def test_slab_comparison_finds_every_difference(perm: tuple[int, ...]) -> None:
+    """Slabs follow the view's outermost axis; a change anywhere (one-element chunks) is still seen."""
+    w = np.random.default_rng(0).standard_normal((4, 5, 6)).astype(np.float32)
+    target = np.ascontiguousarray(w.transpose(perm))
+    assert same_bits(w.transpose(perm), target, chunk_bytes=1)
+    for index in [(0, 0, 0), (1, 2, 3), tuple(d - 1 for d in target.shape)]:
+        changed = target.copy()
+        changed[index] = np.nextafter(changed[index], np.float32(np.inf))
+        assert not same_bits(w.transpose(perm), changed, chunk_bytes=1)
+        assert not same_bits(w.transpose(perm), changed, chunk_bytes=1 << 20)
+
+
 def test_chunked_comparison_sees_a_late_difference() -> None:
     """With one-row chunks and no lucky sample, the last element still decides."""
     rng = np.random.default_rng(0)
@@ -165,8 +242,14 @@ def test_chunked_comparison_sees_a_late_difference() -> None:
     assert not same_bits(w.T, other, chunk_bytes=1)
     assert same_bits(w.T, np.ascontiguousarray(w.T), chunk_bytes=1)
     assert transposition_of(w, other, samples=0, chunk_bytes=1, rng=random.Random(0)) is None
+    # The duplicate with the longer first axis is the one viewed transposed: same answers.
+    wide = np.ascontiguousarray(w.T)
+    assert transposition_of(wide, np.ascontiguousarray(wide.T), samples=0, chunk_bytes=1) == ("transpose", (1, 0))
+    changed = np.ascontiguousarray(wide.T)
+    changed[-1, -1] = np.nextafter(changed[-1, -1], np.float32(np.inf))
+    assert transposition_of(wide, changed, samples=0, chunk_bytes=1) is None
 
 
 def test_pass_options_are_declared() -> None:
-    assert DedupTransposedInitializers.options == {"min_bytes": 1 << 20, "samples": 64, "chunk_bytes": 16 << 20}
+    assert DedupTransposedInitializers.options == {"min_bytes": 1 << 20, "samples": 64, "chunk_bytes": 1 << 20}
     assert DedupTransposedInitializers.opt_level == 2

@@ -82,9 +82,9 @@ EXPECTED = {
     # Caffe2 form Conv → BN → Mul(Unsqueeze(γ)) → Add(Unsqueeze(β)): fold-constants makes the
     # per-channel constants visible, then BN, Mul and Add all fold into the Conv.
     "inception_v2": (508, 163, {"BatchNormalization": 0, "Mul": 0, "Add": 0, "Conv": 69}),
-    # Pre-activation blocks: 59 BN after a Conv fold; 62 after Concat/pooling become one
-    # Mul + Add each together with the Caffe2 Mul/Add that follow them.
-    "densenet121": (910, 429, {"BatchNormalization": 0, "Mul": 62, "Add": 62, "Conv": 121}),
+    # Pre-activation blocks: 59 BN after a Conv fold; 62 after Concat/pooling each take the
+    # Caffe2 Mul/Add that follow them into their own scale and bias.
+    "densenet121": (910, 367, {"BatchNormalization": 62, "Mul": 0, "Add": 0, "Conv": 121}),
 }
 
 

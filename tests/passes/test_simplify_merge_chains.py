@@ -204,3 +204,44 @@ def test_merged_cast_keeps_numbers_on_extremes(registry: PassRegistry) -> None:
     expected = run_model(source, feeds)
     actual = run_model(ir.to_proto(model), feeds)
     np.testing.assert_array_equal(expected["y"], actual["y"])
+
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_unit_dim_moves_match_numpy(registry: PassRegistry, data: st.DataObject) -> None:
+    """Squeeze of unit dims then Unsqueeze elsewhere becomes one Reshape (or a Transpose where two
+    unknown dims move) computing what numpy's squeeze/expand_dims compute, symbolic dims included."""
+    rank = data.draw(st.integers(min_value=2, max_value=4))
+    units = data.draw(st.lists(st.integers(0, rank - 1), min_size=1, max_size=2, unique=True))
+    sizes = [1 if i in units else 2 + i for i in range(rank)]
+    others = [i for i in range(rank) if i not in units]
+    symbolic = data.draw(st.lists(st.sampled_from(others), max_size=2, unique=True)) if others else []
+    dims = [f"d{i}" if i in symbolic else str(s) for i, s in enumerate(sizes)]
+    squeezed = [a - rank if data.draw(st.booleans()) else a for a in units]
+    inserted = data.draw(st.lists(st.integers(-rank, rank - 1), min_size=len(units), max_size=len(units),
+                                  unique_by=lambda a: a % rank))
+    expected = np.expand_dims(np.squeeze(np.empty(sizes), tuple(units)), tuple(inserted)).shape
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[{",".join(dims)}] x) => (float y) {{
+      a1 = Constant<value = int64[{len(squeezed)}] {{{", ".join(map(str, squeezed))}}}>()
+      s = Squeeze(x, a1)
+      a2 = Constant<value = int64[{len(inserted)}] {{{", ".join(map(str, inserted))}}}>()
+      y = Unsqueeze(s, a2)
+    }}"""
+    source = onnx.parser.parse_model(text)
+    source.graph.output[0].type.tensor_type.ClearField("shape")  # inference decides
+    model = ir.load(source)
+    report = PassManager("infer-shapes," + MERGE, PassContext(registry=registry)).run(model)
+    counters = report.totals()[MERGE]["counters"]
+    if sorted(a % rank for a in squeezed) == sorted(a % rank for a in inserted):
+        assert counters.get("cancel-squeeze-unsqueeze") == 1
+    else:
+        assert counters.get("squeeze-unsqueeze-to-reshape") == 1
+        assert [n.op_type for n in model.graph if n.op_type != "Constant"] in (["Reshape"], ["Transpose"])
+    output = ir.to_proto(model)
+    feeds = {"x": np.random.default_rng(0).standard_normal(sizes).astype(np.float32)}
+    result = compare_outputs(run_model(source, feeds), run_model(output, feeds), rtol=0, atol=0)
+    assert result.ok, result.summary()
+    assert next(iter(run_model(output, feeds).values())).shape == expected

@@ -122,6 +122,61 @@ def test_fixpoint_reruns_until_nothing_changes(reg: PassRegistry, build_model) -
     assert report.warnings == []
 
 
+def test_fixpoint_round_skips_a_pass_when_nothing_changed_since_it_found_nothing(reg: PassRegistry,
+                                                                                 build_model) -> None:
+    """count-nodes found nothing after round 1's last change: round 2 does not run it again."""
+    model = build_model()
+    report = PassManager("fixpoint<max=5>(remove-identity,count-nodes)", PassContext(registry=reg)).run(model)
+    assert [(r.name, r.round, r.changed) for r in report.records] == [
+        ("remove-identity", 1, True), ("count-nodes", 1, False), ("remove-identity", 2, False)]
+    assert op_types(model) == ["Relu", "Neg"]
+    assert report.warnings == []
+
+
+def test_fixpoint_round_reruns_a_pass_after_any_later_change(reg: PassRegistry, build_model) -> None:
+    """count-nodes runs before each change, so every round runs it again and sees the new graph."""
+    report = PassManager("fixpoint<max=10>(count-nodes,remove-one-identity)",
+                         PassContext(registry=reg)).run(build_model())
+    counts = [r.counters["nodes"] for r in report.records if r.name == "count-nodes"]
+    assert counts == [6, 5, 4, 3, 2]
+
+
+class ProvideA(Pass):
+    """Provide 'a' without changing anything."""
+
+    name = "provide-a"
+    provides = frozenset({"a"})
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        return PassResult(False)
+
+
+class ProvideB(ProvideA):
+    """Provide 'b' without changing anything."""
+
+    name = "provide-b"
+    provides = frozenset({"b"})
+
+
+class NeedsAB(NeedsSorted):
+    """Require 'a' and 'b'."""
+
+    name = "needs-ab"
+    requires = frozenset({"a", "b"})
+
+
+def test_every_provider_runs_though_none_changes_anything(reg: PassRegistry, build_model) -> None:
+    """Providers are built per requirement; one that changed nothing never stands in for another."""
+    for cls in (ProvideA, ProvideB, NeedsAB):
+        reg.register(cls)
+    report = PassManager("fixpoint<max=6>(needs-ab,remove-one-identity)", PassContext(registry=reg)).run(build_model())
+    names = [r.name for r in report.records]
+    assert names[:4] == ["provide-a", "provide-b", "needs-ab", "remove-one-identity"]
+    # Each of the five rounds follows a change (the first: the start), so each provides both again.
+    assert names.count("provide-a") == names.count("provide-b") == names.count("needs-ab") == 5
+    assert not report.warnings
+
+
 def test_fixpoint_without_max_uses_the_context_limit(reg: PassRegistry, build_model) -> None:
     ctx = PassContext(registry=reg)
     ctx.limits.max_fixpoint_iterations = 3
