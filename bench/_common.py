@@ -95,3 +95,23 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
+
+
+_CHUNK_ELEMENTS = 4 * 1024 * 1024  # 16 MiB of float32 per write
+
+
+def write_random_float32(f: Any, count: int, scale: float, seed: int) -> int:
+    """Append ``count`` N(0, scale^2) float32 values to the open file ``f`` in 16 MiB chunks (a
+    multi-GB weight never sits in memory); returns the bytes written."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    factor = np.float32(scale)
+    written = 0
+    while written < count:
+        n = min(_CHUNK_ELEMENTS, count - written)
+        chunk = rng.standard_normal(n, dtype=np.float32)
+        chunk *= factor
+        chunk.tofile(f)
+        written += n
+    return count * 4

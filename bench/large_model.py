@@ -34,29 +34,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import fmt_bytes, fmt_seconds, print_table, write_json  # noqa: E402
+from _common import fmt_bytes, fmt_seconds, print_table, write_json, write_random_float32  # noqa: E402
 
 TARGET_RSS_OVER_BASELINE = 1_000_000_000
 SMOKE_SIZE_GB = 0.5
 #: Weight shapes cycled through; each layer's input size is the previous layer's output size.
 _SHAPES = ((4096, 4096), (4096, 8192), (8192, 8192), (8192, 4096))
-_CHUNK_ELEMENTS = 4 * 1024 * 1024  # 16 MiB of float32 per write
 _ALIGN = 4096
 
 
 def _write_random(f, shape: tuple[int, ...], seed: int) -> int:
-    """Append N(0, 1/fan_in) float32 values to ``f`` in chunks; returns bytes written."""
-    rng = np.random.default_rng(seed)
-    count = int(np.prod(shape))
-    scale = np.float32(1.0 / np.sqrt(shape[0]))
-    written = 0
-    while written < count:
-        n = min(_CHUNK_ELEMENTS, count - written)
-        chunk = rng.standard_normal(n, dtype=np.float32)
-        chunk *= scale
-        chunk.tofile(f)
-        written += n
-    return count * 4
+    """Append N(0, 1/fan_in) float32 values to ``f``; returns bytes written."""
+    return write_random_float32(f, int(np.prod(shape)), float(1.0 / np.sqrt(shape[0])), seed)
 
 
 def _external(name: str, shape: tuple[int, ...], location: str, offset: int, length: int) -> TensorProto:

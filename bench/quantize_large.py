@@ -39,7 +39,7 @@ from onnx import TensorProto, helper
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import fmt_bytes, print_table, write_json
+from _common import fmt_bytes, print_table, write_json, write_random_float32
 
 #: Default shape: 9 x 8192 x 8192 float32 = 2.42 GB of weights.
 DEFAULT_HIDDEN = 8192
@@ -48,23 +48,12 @@ SMOKE_HIDDEN = 2048
 SMOKE_LAYERS = 4
 #: Output cosine (quantized vs float32, fresh inputs) the model must keep.
 COSINE_BOUND = 0.99
-_CHUNK_ELEMENTS = 4 * 1024 * 1024  # 16 MiB of float32 per write
 _ALIGN = 4096
 
 
 def _write_random(f: Any, rows: int, cols: int, seed: int) -> int:
-    """Append N(0, 2/rows) float32 values (He initialization: Relu keeps the scale) in chunks."""
-    rng = np.random.default_rng(seed)
-    count = rows * cols
-    scale = np.float32(np.sqrt(2.0 / rows))
-    written = 0
-    while written < count:
-        n = min(_CHUNK_ELEMENTS, count - written)
-        chunk = rng.standard_normal(n, dtype=np.float32)
-        chunk *= scale
-        chunk.tofile(f)
-        written += n
-    return count * 4
+    """Append N(0, 2/rows) float32 values (He initialization: Relu keeps the scale)."""
+    return write_random_float32(f, rows * cols, float(np.sqrt(2.0 / rows)), seed)
 
 
 def _external(name: str, shape: tuple[int, ...], location: str, offset: int, length: int) -> TensorProto:

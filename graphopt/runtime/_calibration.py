@@ -340,7 +340,7 @@ def session_on_file(path: str | os.PathLike, outputs: Sequence[str] | None = Non
     """
     import onnxruntime as ort
 
-    from graphopt.runtime._session import max_ir_version
+    from graphopt.runtime._session import max_ir_version, session_options
 
     path = os.fspath(path)
     light = _read_light(path)
@@ -352,12 +352,7 @@ def session_on_file(path: str | os.PathLike, outputs: Sequence[str] | None = Non
     for name in wanted:
         light.graph.output.append(by_name[name] if name in by_name else onnx.ValueInfoProto(name=name))
     light.ir_version = min(light.ir_version, max_ir_version())
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so = session_options(optimize=optimize, threads=threads)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                 os.path.dirname(os.path.abspath(path)))
     if optimized_model_path is not None:

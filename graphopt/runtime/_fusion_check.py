@@ -26,6 +26,7 @@ from typing import Any
 import onnx
 
 from graphopt.errors import GraphoptError
+from graphopt.runtime._session import session_options
 
 __all__ = ["INTEGER_KERNELS", "FusionReport", "check_fusion", "fusion_report"]
 
@@ -118,11 +119,7 @@ def check_fusion(model: str | os.PathLike | onnx.ModelProto, *, target: str = "c
         else:
             path = os.fspath(model)
         optimized = os.path.join(tmp, "optimized.onnx")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
+        so = session_options(optimize=True)
         so.optimized_model_filepath = optimized
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                     "optimized.data")

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-__all__ = ["make_session", "random_inputs", "run_model", "compare_outputs", "OutputDiff",
+__all__ = ["make_session", "session_options", "random_inputs", "run_model", "compare_outputs", "OutputDiff",
            "Comparison", "max_ir_version", "PROVIDERS"]
 
 logger = logging.getLogger(__name__)
@@ -26,9 +26,9 @@ def max_ir_version() -> int:
     return runtime_limits().max_ir_version
 
 
-def make_session(model: onnx.ModelProto | bytes | str, *, target: str = "cpu",
-                 optimize: bool = False, threads: int = 1) -> Any:
-    """An ``InferenceSession`` on ``target`` with graph optimizations off unless ``optimize``."""
+def session_options(*, optimize: bool = False, threads: int = 1) -> Any:
+    """onnxruntime ``SessionOptions``: all graph optimizations or none, ``threads`` intra-op
+    threads, one inter-op thread, warnings silenced (graphopt reports what matters itself)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -37,6 +37,15 @@ def make_session(model: onnx.ModelProto | bytes | str, *, target: str = "cpu",
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    return so
+
+
+def make_session(model: onnx.ModelProto | bytes | str, *, target: str = "cpu",
+                 optimize: bool = False, threads: int = 1) -> Any:
+    """An ``InferenceSession`` on ``target`` with graph optimizations off unless ``optimize``."""
+    import onnxruntime as ort
+
+    so = session_options(optimize=optimize, threads=threads)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     providers = [PROVIDERS[target]] + (["CPUExecutionProvider"] if target != "cpu" else [])
     return ort.InferenceSession(data, so, providers=providers)

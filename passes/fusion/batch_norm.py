@@ -61,8 +61,8 @@ def _batch_norm(op: Any, x: Any, scale: Any, bias: Any, mean: Any, var: Any) -> 
     return op.BatchNormalization(x, scale, bias, mean, var, _name="bn")
 
 
-def _affine(x: ir.Value, bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
-    """``(s, t)`` shaped ``[C, 1, ..., 1]`` for the rank of ``x``, or why not."""
+def _ranked_affine(x: ir.Value, bn: ir.Node) -> tuple[int, tuple[np.ndarray, np.ndarray]] | str:
+    """The static rank of ``x`` (at least 2) and the per-channel ``(s, t)`` of ``bn``, or why not."""
     reason = float_reason(x)
     if reason:
         return reason
@@ -71,10 +71,17 @@ def _affine(x: ir.Value, bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
         return f"the rank of '{x.name}' is {'unknown' if rank is None else rank}, expected at least 2"
     channels = x.shape.dims[1] if x.shape is not None else None
     affine = batch_norm_affine(bn, channels if isinstance(channels, int) else None)
-    if isinstance(affine, str):
-        return affine
+    return affine if isinstance(affine, str) else (rank, affine)
+
+
+def _affine(x: ir.Value, bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
+    """``(s, t)`` shaped ``[C, 1, ..., 1]`` for the rank of ``x``, or why not."""
+    found = _ranked_affine(x, bn)
+    if isinstance(found, str):
+        return found
+    rank, (s, t) = found
     shape = (-1,) + (1,) * (rank - 2)
-    return affine[0].reshape(shape), affine[1].reshape(shape)
+    return s.reshape(shape), t.reshape(shape)
 
 
 def _merging_reader_reason(bn: ir.Node, scale_shape: tuple[int, ...]) -> str | None:
@@ -163,16 +170,10 @@ def absorbed_parameters(bn: ir.Node, x: ir.Value, a: ir.Value | None, b: ir.Valu
         >>> absorbed_parameters(bn, x, a=mul_constant, b=None)  # doctest: +SKIP
         (array([...]), array([...]))
     """
-    reason = float_reason(x)
-    if reason:
-        return reason
-    rank = static_rank(x)
-    if rank is None or rank < 2:
-        return f"the rank of '{x.name}' is {'unknown' if rank is None else rank}, expected at least 2"
-    channels = x.shape.dims[1] if x.shape is not None else None
-    affine = batch_norm_affine(bn, channels if isinstance(channels, int) else None)
-    if isinstance(affine, str):
-        return affine
+    found = _ranked_affine(x, bn)
+    if isinstance(found, str):
+        return found
+    rank = found[0]
     gamma = checked_constant(bn.inputs[1]).astype(np.float64)
     beta = checked_constant(bn.inputs[2]).astype(np.float64)
     factor = _channel_constant(a, gamma.shape[0], rank, "Mul constant")

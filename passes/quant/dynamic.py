@@ -20,6 +20,11 @@ Emitted form:
   ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul(s_a · s_w)`` (opset 11 or newer), which
   onnxruntime fuses back on the CPU and every runtime can execute.
 
+Weight scales and codes are those of static quantization (``_qparams.weight_qparams`` and
+``quantize_array``): ``s_w`` is rounded to float32 once, and ``round`` is the exact quotient
+``W / s_w`` rounded half to even, computed in blocks of rows (temporaries of a few hundred
+kilobytes; a ``Gemm`` with ``transB`` is read in its stored layout).
+
 ``reduce_range`` (default on) quantizes weights to 7 bits (``q_max = 63``): x86 CPUs without
 VNNI compute u8×s8 products in pairs summed into int16 (``vpmaddubsw``), which saturates when
 ``2 · 255 · 127 > 32767``; with 7-bit weights ``2 · 255 · 63 = 32130`` cannot. Per-channel
@@ -61,6 +66,7 @@ from graphopt.passes.quant._lowp_common import (
     weight_tensor,
     whole_weights,
 )
+from graphopt.passes.quant._qparams import QParams, quantize_array, weight_qparams
 from onnx import TensorProto
 
 from graphopt import ir
@@ -80,26 +86,62 @@ def quantize_weight_int8(weight: np.ndarray, per_channel: bool, reduce_range: bo
     """Symmetric int8 quantization of a ``[K, N]`` weight: ``(W_q int8, scale float32)``.
 
     The scale is ``[N]`` per output column (``per_channel``) or a scalar; an all-zero column
-    gets scale 1 (its codes are 0 either way).
+    gets scale 1 (its codes are 0 either way). Codes are ``round(W / s)`` of the exact
+    quotient, half to even, clipped to ``±q_max``: the math of
+    :func:`~graphopt.passes.quant._qparams.weight_qparams` and
+    :func:`~graphopt.passes.quant._qparams.quantize_array` (blocks of rows, temporaries a few
+    hundred kilobytes), which static quantization uses too. A weight that is not float32 is
+    quantized as its float32 copy.
 
     Example:
         >>> q, s = quantize_weight_int8(np.array([[1.0, -2.0], [0.5, 1.0]], np.float32), True, False)
-        >>> q.tolist(), s.round(4).tolist()
+        >>> q.tolist(), [round(float(v), 4) for v in s]
         ([[127, -127], [64, 64]], [0.0079, 0.0157])
     """
-    q_max = 63 if reduce_range else 127
-    w = np.asarray(weight, dtype=np.float32)
-    scale = int8_scale(w, per_channel, reduce_range)
-    codes = np.clip(np.rint(w / scale), -q_max, q_max).astype(np.int8)
-    return codes, scale
+    w, transposed = _row_major(weight)
+    params = _int8_params(w, transposed, per_channel, reduce_range)
+    codes = quantize_array(w, params, limit=_q_max(reduce_range))
+    return (codes.T if transposed else codes), params.scale
 
 
 def int8_scale(weight: np.ndarray, per_channel: bool, reduce_range: bool) -> np.ndarray:
-    """The scales :func:`quantize_weight_int8` uses: ``max |W[:, n]| / q_max`` (1 for zeros)."""
-    q_max = 63 if reduce_range else 127
-    absmax = np.abs(np.asarray(weight, dtype=np.float32))
-    absmax = absmax.max(axis=0) if per_channel else absmax.max()
-    return np.where(absmax > 0, absmax / np.float32(q_max), np.float32(1.0)).astype(np.float32)
+    """The scales :func:`quantize_weight_int8` uses: ``max |W[:, n]| / q_max`` (1 for zeros).
+
+    Example:
+        >>> int8_scale(np.array([[1.0, 0.0], [-2.54, 0.0]], np.float32), True, False).tolist()
+        [0.019999999552965164, 1.0]
+    """
+    return _int8_params(*_row_major(weight), per_channel, reduce_range).scale
+
+
+def _q_max(reduce_range: bool) -> int:
+    """Largest weight code: 63 with 7-bit weights (``reduce_range``), else 127."""
+    return 63 if reduce_range else 127
+
+
+def _row_major(weight: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``(w, transposed)``: the float32 ``[K, N]`` weight, or its transpose when that one is row-major.
+
+    A column-major weight (the ``Bᵀ`` view of a ``Gemm`` with ``transB``) is read in blocks of
+    its stored rows, which is several times faster than blocks of rows of the view.
+    """
+    w = np.asarray(weight, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"int8 weight quantization takes a 2-D [K, N] weight, got shape {list(w.shape)}")
+    if not w.flags.c_contiguous and w.T.flags.c_contiguous:
+        return w.T, True
+    return w, False
+
+
+def _int8_params(weight: np.ndarray, transposed: bool, per_channel: bool, reduce_range: bool) -> QParams:
+    """Symmetric int8 parameters per output column (axis 1, or 0 of a ``transposed`` ``[N, K]``) or per tensor.
+
+    ``weight_qparams`` divides the float64 maximum by ``q_max`` and rounds to float32 once;
+    that equals the float32 division of the float32 maximum (rounding a float64 quotient of
+    float32 values to float32 is the correctly rounded float32 quotient).
+    """
+    axis = (0 if transposed else 1) if per_channel else None
+    return weight_qparams(weight, "int8", axis, reduce_range)
 
 
 def _probe_model() -> bytes:

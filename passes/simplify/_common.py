@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 
 from graphopt import ir
 # Shared with the cleanup passes: which values a pass may never drop or rename.
