@@ -110,6 +110,9 @@ def weight_qparams(weight: np.ndarray, qtype: str, axis: int | None, reduce_rang
     if min_scale is not None:
         scale = np.maximum(scale, np.asarray(min_scale, dtype=np.float64))
     scale = scale.astype(np.float32)
+    # A channel of subnormal weights can underflow to a zero float32 scale, which would divide
+    # 0 by 0 on quantization; like an all-zero channel it gets scale 1 (its codes round to 0).
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, dtype=dtype), qtype, axis)
 
 

@@ -37,6 +37,8 @@ def reference_weight_qparams(weight: np.ndarray, qtype: str, axis: int | None, r
     if min_scale is not None:
         scale = np.maximum(scale, np.asarray(min_scale, dtype=np.float64))
     scale = scale.astype(np.float32)
+    # A scale that underflows to 0 in float32 (subnormal weights) is 1, as for a zero channel.
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
     return QParams(scale, np.zeros(scale.shape, dtype=dtype), qtype, axis)
 
 
@@ -235,3 +237,13 @@ def test_property_single_quotients_match_reference(x: float, scale: float, zero:
     with np.errstate(over="ignore"):
         values = np.array([x, np.float32(x) * 2, np.float32(scale) * np.float32(zero % 7 + 0.5)], np.float32)
     assert_same_codes(quantize_array(values, params), reference_quantize_array(values, params))
+
+
+def test_subnormal_channel_gets_a_usable_scale() -> None:
+    """A channel whose float32 scale underflows to 0 gets scale 1 and codes 0, never 0/0."""
+    weight = np.array([[1e-45, 0.5], [-1e-45, -0.25]], np.float32)  # column 0: subnormal only
+    params = weight_qparams(weight, "int8", 1, False)
+    assert params.scale[0] == np.float32(1.0) and params.scale[1] > 0
+    codes = quantize_array(weight, params)
+    assert codes[:, 0].tolist() == [0, 0]
+    assert codes[:, 1].tolist() == [127, -64]
