@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from graphopt.analysis._flops import _node_estimate
-from graphopt.ir import Model, Node, Tensor, Value, to_proto_with
+from graphopt.ir import Model, Node, Tensor, Value, stubs_to_inputs, to_proto_with, typed_stub
 
 __all__ = ["GraphCost", "graph_cost", "peak_activation_bytes", "DUPLICATE_BYTES", "SHAPE_OPS"]
 
@@ -221,9 +221,7 @@ def _skeleton_tensor(tensor: Tensor, name: str) -> onnx.TensorProto:
             copy.name = name
             proto = copy
         return proto
-    stub = onnx.TensorProto(name=name, data_type=tensor.dtype, dims=list(tensor.shape))
-    stub.data_location = onnx.TensorProto.EXTERNAL  # read by _skeleton as "typed input only"
-    return stub
+    return typed_stub(tensor, name)
 
 
 def type_skeleton(model: Model) -> onnx.ModelProto:
@@ -246,14 +244,7 @@ def _bind(proto: onnx.ModelProto, dims: Mapping[str, int], default_dim: int) -> 
         for d in inp.type.tensor_type.shape.dim:
             if not d.HasField("dim_value"):
                 d.dim_value = dims.get(d.dim_param, default_dim) if d.HasField("dim_param") else default_dim
-    stubs = [t for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    kept = [t for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
-    declared = {i.name for i in g.input}
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    for t in stubs:
-        if t.name not in declared:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    stubs_to_inputs(g)
     return skel
 
 

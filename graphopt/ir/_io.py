@@ -24,6 +24,7 @@ from graphopt.ir._core import Model
 from graphopt.ir._serde import UndecodableNameError, encode_nodes, model_from_proto, model_to_proto
 from graphopt.ir._tensors import ExternalTensor, FileTensor, ProtoTensor, SourceFile, Tensor, storage_nbytes
 from graphopt.ir._wire import FileSlice, split_large_initializers
+from graphopt.ir._wire import encode_varint as _varint
 
 __all__ = ["load", "save", "to_proto", "ModelSource"]
 
@@ -375,15 +376,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _field_key(message: type, field: str) -> bytes:

@@ -19,7 +19,7 @@ import mmap
 from dataclasses import dataclass
 from typing import Iterator, Union
 
-__all__ = ["FileSlice", "split_large_initializers"]
+__all__ = ["FileSlice", "encode_varint", "split_large_initializers"]
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MODEL_GRAPH = 7
@@ -68,7 +68,8 @@ def _varint(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _encode_varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """``n`` (non-negative) as a protobuf varint."""
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -169,7 +170,7 @@ def _split(buf: Buffer, min_bytes: int) -> tuple[bytes, list[FileSlice]] | None:
             raw_start, raw_payload, raw_end = raw
             header_length = (end - payload) - (raw_end - raw_start)
             pieces.append(buf[copied:start])
-            pieces.append(_encode_varint(_GRAPH_INITIALIZER << 3 | _LEN) + _encode_varint(header_length))
+            pieces.append(encode_varint(_GRAPH_INITIALIZER << 3 | _LEN) + encode_varint(header_length))
             pieces.append(buf[payload:raw_start])
             pieces.append(buf[raw_end:end])
             copied = end
@@ -179,6 +180,6 @@ def _split(buf: Buffer, min_bytes: int) -> tuple[bytes, list[FileSlice]] | None:
         return None
     pieces.append(buf[copied:g_end])
     graph_payload = b"".join(pieces)
-    rest = b"".join((buf[:g_start], _encode_varint(_MODEL_GRAPH << 3 | _LEN),
-                     _encode_varint(len(graph_payload)), graph_payload, buf[g_end:]))
+    rest = b"".join((buf[:g_start], encode_varint(_MODEL_GRAPH << 3 | _LEN),
+                     encode_varint(len(graph_payload)), graph_payload, buf[g_end:]))
     return rest, slices

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from graphopt.runtime._session import (PROVIDERS, Comparison, OutputDiff, compare_outputs,
-                                       make_session, max_ir_version, random_inputs, run_model)
+                                       make_session, max_ir_version, random_inputs, run_model,
+                                       session_options)
 from graphopt.runtime._targets import (RuntimeLimits, fit_to_runtime, required_ir_version,
                                        runtime_limits)
 
 __all__ = ["PROVIDERS", "Comparison", "OutputDiff", "compare_outputs", "make_session",
-           "max_ir_version", "random_inputs", "run_model", "RuntimeLimits", "fit_to_runtime",
+           "max_ir_version", "random_inputs", "run_model", "session_options", "RuntimeLimits", "fit_to_runtime",
            "required_ir_version", "runtime_limits"]
 
 from graphopt.runtime._bench import BenchResult, EnergyResult, bench_models, model_size_on_disk

@@ -26,9 +26,18 @@ def max_ir_version() -> int:
     return runtime_limits().max_ir_version
 
 
-def session_options(*, optimize: bool = False, threads: int = 1) -> Any:
+def session_options(*, optimize: bool = False, threads: int = 1, only_provider: str | None = None,
+                    log_severity: int = 3) -> Any:
     """onnxruntime ``SessionOptions``: all graph optimizations or none, ``threads`` intra-op
-    threads, one inter-op thread, warnings silenced (graphopt reports what matters itself)."""
+    threads, one inter-op thread, warnings silenced (graphopt reports what matters itself).
+
+    ``only_provider`` (an execution provider name) forbids falling back to the CPU provider for
+    nodes it cannot run, so a probe session fails instead of silently running elsewhere;
+    ``log_severity`` 4 also silences the errors such an expected failure logs.
+
+    Example:
+        >>> so = session_options(optimize=True, threads=1)  # doctest: +SKIP
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -36,7 +45,9 @@ def session_options(*, optimize: bool = False, threads: int = 1) -> Any:
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = log_severity
+    if only_provider is not None and only_provider != PROVIDERS["cpu"]:
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     return so
 
 

@@ -46,7 +46,7 @@ from onnx import TensorProto
 
 from graphopt.errors import PipelineError
 from graphopt.pipeline import TARGETS
-from graphopt.runtime import PROVIDERS
+from graphopt.runtime import PROVIDERS, session_options
 
 __all__ = ["CONTRIB_DOMAIN", "CONTRIB_OPSET", "FUSED_CONV_ACTIVATIONS", "PROBED_OPS", "OpSupport",
            "ProviderCapabilities", "STATIC_CUDA_CAPABILITIES", "capabilities", "probe_provider",
@@ -195,12 +195,7 @@ def _session_runs(provider: str, model: bytes, feeds: dict) -> bool:
     """True when a session of ``model`` on ``provider`` alone (no CPU fallback) loads and runs."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 4
-    if provider != PROVIDERS["cpu"]:
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    options = session_options(only_provider=provider, log_severity=4)
     try:
         session = ort.InferenceSession(model, options, providers=[provider])
         session.run(None, feeds)

@@ -175,24 +175,14 @@ def _stub_large(tensor: ir.Tensor) -> onnx.TensorProto:
     """Small tensors with their data (shape constants); larger ones as typed stubs."""
     if not tensor.is_external() and tensor.nbytes <= _LIGHT_BYTES:
         return tensor.to_proto()
-    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.dtype, dims=list(tensor.shape))
-    stub.data_location = onnx.TensorProto.EXTERNAL  # marks a stub: listed as a typed input below
-    return stub
+    return ir.typed_stub(tensor)
 
 
 def _shape_skeleton(model: ir.Model) -> onnx.ModelProto:
     """``model`` as a proto for shape inference without copying weight bytes: initializers over
     ``_LIGHT_BYTES`` become typed graph inputs (inference needs their types only)."""
     proto = ir.to_proto_with(model, _stub_large)
-    g = proto.graph
-    stubs = [t for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL and not t.external_data]
-    kept = [t for t in g.initializer if not (t.data_location == onnx.TensorProto.EXTERNAL and not t.external_data)]
-    declared = {i.name for i in g.input}
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    for t in stubs:
-        if t.name not in declared:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    ir.stubs_to_inputs(proto.graph)
     return proto
 
 

@@ -20,7 +20,7 @@ import onnx.helper as oh
 
 from graphopt import ir
 from graphopt.errors import PipelineError
-from graphopt.runtime import PROVIDERS
+from graphopt.runtime import PROVIDERS, session_options
 
 __all__ = [
     "CONTRIB_DOMAIN",
@@ -147,12 +147,7 @@ def session_loads(target: str, model_bytes: bytes, run: bool = True) -> bool:
     provider = PROVIDERS[target]
     if provider not in ort.get_available_providers():
         raise LookupError(provider)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 4
-    if provider != PROVIDERS["cpu"]:
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    options = session_options(only_provider=provider, log_severity=4)
     try:
         session = ort.InferenceSession(model_bytes, options, providers=[provider])
         if run:
