@@ -7,26 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt import ir
-from graphopt.runtime import Manifest, max_ir_version
-
-
-def _session(source: str | bytes) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def run_whole(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = _session(model.SerializeToString())
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+from graphopt.runtime import Manifest, make_session, max_ir_version, run_model
 
 
 def run_partitions(folder: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -34,7 +20,7 @@ def run_partitions(folder: str | Path, feeds: dict[str, np.ndarray]) -> dict[str
     manifest = Manifest.load(folder)
     env = dict(feeds)
     for part in manifest.partitions:
-        session = _session(str(manifest.partition_path(part)))
+        session = make_session(str(manifest.partition_path(part)))
         declared = [i.name for i in session.get_inputs()]
         assert sorted(declared) == sorted(part.inputs)
         env.update(zip(part.outputs, session.run(part.outputs, {k: env[k] for k in part.inputs})))
@@ -88,7 +74,7 @@ def test_stage_split_is_bit_exact(tmp_path: Path, stages: int) -> None:
     assert manifest is not None and len(manifest.partitions) == stages
     assert sorted(os.listdir(tmp_path / "parts")) == sorted(
         ["manifest.json"] + [f"stage{k}.onnx" for k in range(stages)])
-    expected = run_whole(model, FEEDS)
+    expected = run_model(model, FEEDS)
     got = run_partitions(tmp_path / "parts", FEEDS)
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value)  # bit-exact on CPU
@@ -173,7 +159,7 @@ def test_branches_run_concurrently_and_match(tmp_path: Path) -> None:
     assert kinds == ["branch", "branch", "branch", "stage"]
     assert all(p.depends_on == [] and p.inputs == ["x"] for p in result.manifest.partitions[:3])
     feeds = {"x": rng.standard_normal((4, 16)).astype(np.float32)}
-    np.testing.assert_array_equal(run_partitions(tmp_path / "parts", feeds)["y"], run_whole(model, feeds)["y"])
+    np.testing.assert_array_equal(run_partitions(tmp_path / "parts", feeds)["y"], run_model(model, feeds)["y"])
 
 
 def test_partitioned_session_runs_the_written_folder(tmp_path: Path) -> None:
@@ -183,7 +169,7 @@ def test_partitioned_session_runs_the_written_folder(tmp_path: Path) -> None:
     graphopt.partition(model, tmp_path / "parts", stages=3)
     with PartitionedSession(tmp_path / "parts") as session:
         got = session.run(FEEDS)
-    for name, value in run_whole(model, FEEDS).items():
+    for name, value in run_model(model, FEEDS).items():
         np.testing.assert_array_equal(got[name], value)
 
 
@@ -227,7 +213,7 @@ def test_split_heavy_balances_a_dominant_node_bit_exactly(tmp_path: Path) -> Non
     assert len(heads) >= 2  # the head's column blocks run in several stages
     feeds = {"x": rng.standard_normal((4, 32)).astype(np.float32)}
     np.testing.assert_array_equal(run_partitions(tmp_path / "parts", feeds)["logits"],
-                                  run_whole(model, feeds)["logits"])
+                                  run_model(model, feeds)["logits"])
 
 
 def _chain_model(nodes: list, outputs: list, inits: list | None = None) -> onnx.ModelProto:
@@ -246,7 +232,7 @@ def test_initializer_named_as_graph_output_is_emitted(tmp_path: Path, stages: in
                           helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])], [const])
     graphopt.partition(model, tmp_path / "parts", stages=stages)
     feeds = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
-    expected, actual = run_whole(model, feeds), run_partitions(tmp_path / "parts", feeds)
+    expected, actual = run_model(model, feeds), run_partitions(tmp_path / "parts", feeds)
     assert list(actual) == ["y", "c"]
     for name in expected:
         np.testing.assert_array_equal(actual[name], expected[name])
@@ -263,4 +249,4 @@ def test_sequence_value_crossing_a_cut_keeps_its_type(tmp_path: Path) -> None:
     manifest = Manifest.load(tmp_path / "parts")
     assert any("s" in part.inputs for part in manifest.partitions)
     feeds = {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
-    np.testing.assert_array_equal(run_partitions(tmp_path / "parts", feeds)["z"], run_whole(model, feeds)["z"])
+    np.testing.assert_array_equal(run_partitions(tmp_path / "parts", feeds)["z"], run_model(model, feeds)["z"])

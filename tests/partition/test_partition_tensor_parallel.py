@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -15,29 +14,16 @@ from graphopt import ir
 from graphopt.errors import GraphoptError
 from graphopt.passes.partition import SplitTensorParallel, split_tensor_parallel
 from graphopt.pipeline import PassContext, PassManager
-from graphopt.runtime import Manifest
+from graphopt.runtime import Manifest, make_session, run_model
 
 HIDDEN, HEADS, SEQ = 16, 4, 5
-
-
-def _session(source: str | bytes) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def run_whole(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = _session(model.SerializeToString())
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
 
 
 def run_partitions(folder: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     manifest = Manifest.load(folder)
     env = dict(feeds)
     for part in manifest.partitions:
-        session = _session(str(manifest.partition_path(part)))
+        session = make_session(str(manifest.partition_path(part)))
         env.update(zip(part.outputs, session.run(part.outputs, {k: env[k] for k in part.inputs})))
     return {t.name: env[t.name] for t in manifest.outputs}
 
@@ -138,8 +124,8 @@ def test_mlp_and_attention_split_equals_unsplit(shards: int) -> None:
     assert any(list(v.const_value.numpy()) == [-1, SEQ, HEADS // shards, HIDDEN // HEADS] for v in heads_shape)
     ir.verify(model)
     feeds = feeds_for(proto)
-    expected = run_whole(proto, feeds)["y"]
-    got = run_whole(ir.to_proto(model), feeds)["y"]
+    expected = run_model(proto, feeds)["y"]
+    got = run_model(ir.to_proto(model), feeds)["y"]
     # partial sums add in another order: equal within float32 rounding of values up to ~20
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -156,7 +142,7 @@ def test_partition_writes_shards_and_combines(tmp_path: Path) -> None:
     # the two shards of a block read the same inputs and feed only the combining partition
     assert shards[0].inputs == shards[1].inputs
     feeds = feeds_for(proto)
-    np.testing.assert_allclose(run_partitions(tmp_path / "tp", feeds)["y"], run_whole(proto, feeds)["y"],
+    np.testing.assert_allclose(run_partitions(tmp_path / "tp", feeds)["y"], run_model(proto, feeds)["y"],
                                rtol=1e-4, atol=1e-4)
     # each shard holds half of its block's weights
     weights = {p.name: p.weight_bytes for p in shards}
