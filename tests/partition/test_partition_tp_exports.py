@@ -12,6 +12,7 @@ onnxruntime (graph optimizations off).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -329,20 +330,14 @@ def _head_count_from_outside() -> onnx.ModelProto:
     return proto
 
 
-def test_attention_with_unfixable_shape_is_left_whole() -> None:
-    proto = _head_count_from_outside()
-    onnx.checker.check_model(proto)
-    model = ir.load(proto)
-    assert split_tensor_parallel(model, 2) == 1  # the MLP only
-    assert not any(n.name.startswith("tp") and n.op_type == "Softmax" for n in model.graph)
-    feeds = _feeds(proto)
-    np.testing.assert_allclose(run_model(ir.to_proto(model), feeds)["y"], run_model(proto, feeds)["y"],
-                               rtol=RTOL, atol=ATOL)
-
-
-def test_shape_value_that_differs_per_shard_keeps_attention_whole() -> None:
-    """``Shape(merged)[2]`` read after the Sum is H·D in the whole model but H·D/N in a shard."""
-    proto = gpt2_conv1d(layers=1, width_from_block=True)
+@pytest.mark.parametrize("build", [
+    # the head count arrives from outside the block: no shard can fix its Reshape shapes
+    _head_count_from_outside,
+    # ``Shape(merged)[2]`` read after the Sum is H·D in the whole model but H·D/N in a shard
+    lambda: gpt2_conv1d(layers=1, width_from_block=True),
+], ids=["unfixable-shape", "shape-differs-per-shard"])
+def test_attention_whose_shapes_cannot_be_sharded_is_left_whole(build: Callable[[], onnx.ModelProto]) -> None:
+    proto = build()
     onnx.checker.check_model(proto)
     model = ir.load(proto)
     assert split_tensor_parallel(model, 2) == 1  # the MLP only
